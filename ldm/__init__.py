@@ -1,0 +1,1 @@
+"""ldm: Latent Diffusion Models training framework."""
