@@ -1,0 +1,142 @@
+"""Checkpoints: everything the next step needs, written atomically.
+
+Layout of `<run_dir>/checkpoints/step_00001234/`:
+  model.safetensors   trainable task state (frozen parts listed in `task.frozen_prefixes` are skipped)
+  ema.safetensors     EMA weights, when the model keeps an EMA
+  training.pt         optimizer + LR-scheduler states (identical on every rank under DDP)
+  rank_<r>.pt         per-rank RNG states (python, numpy, torch, cuda) and the data loader's position
+  state.json          step, model name, model-config fingerprint, world size — written LAST
+
+A checkpoint is assembled in `step_…tmp/` and renamed into place only when complete, so a process
+killed mid-save never corrupts or shadows the previous one; `latest` only sees complete directories.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def config_fingerprint(model_cfg: dict) -> str:
+    """Hash of the model config: a checkpoint only loads into the preset that wrote it."""
+    blob = json.dumps(model_cfg, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: p.name)
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """`never` -> None; `latest` -> newest complete checkpoint or None; else a path that must exist."""
+    if resume == "never":
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(run_dir)
+        return ckpts[-1] if ckpts else None
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"trainer.resume={resume}: no complete checkpoint there (state.json missing); "
+                                f"use trainer.resume=latest or trainer.resume=never")
+    return path
+
+
+def _task_state(task: torch.nn.Module) -> dict[str, torch.Tensor]:
+    skip = tuple(getattr(task, "frozen_prefixes", ()))
+    return {k: v.detach().contiguous().cpu().clone() for k, v in task.state_dict().items()
+            if not (skip and k.startswith(skip))}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, task, optimizers: dict, schedulers: dict, ema,
+                    loader, meta: dict, rank: int, world_size: int, barrier: Callable[[], None],
+                    keep_last: int) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save({"rng": rng_state(), "data": loader.state_dict()}, tmp / f"rank_{rank}.pt")
+    barrier()
+    if rank == 0:
+        save_file(_task_state(task), tmp / "model.safetensors")
+        if ema is not None:
+            save_file({k: v.contiguous().cpu().clone() for k, v in ema.state_dict().items()},
+                      tmp / "ema.safetensors")
+        torch.save({"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                    "schedulers": {k: s.state_dict() for k, s in schedulers.items()}}, tmp / "training.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world_size, **meta}, indent=1))
+        if final.exists():  # re-saving the same step (e.g. end of a resumed, finished run)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, *, task, optimizers: dict, schedulers: dict, ema, loader,
+                    meta: dict, rank: int, world_size: int) -> int:
+    """Restore everything saved by `save_checkpoint`; returns the step. Nothing is loaded when the
+    checkpoint belongs to another model preset (checked before any tensor is touched)."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    if state.get("fingerprint") != meta.get("fingerprint"):
+        raise ValueError(f"checkpoint {path} was written by model '{state.get('model')}' with another config "
+                         f"(fingerprint {state.get('fingerprint')} != {meta.get('fingerprint')} of "
+                         f"'{meta.get('model')}'); use a new run_dir or trainer.resume=never")
+    weights = load_file(path / "model.safetensors")
+    skip = tuple(getattr(task, "frozen_prefixes", ()))
+    expected = {k for k in task.state_dict() if not (skip and k.startswith(skip))}
+    if set(weights) != expected:
+        raise ValueError(f"checkpoint {path}: parameter names differ from the model "
+                         f"(missing {sorted(expected - set(weights))[:5]}, unexpected "
+                         f"{sorted(set(weights) - expected)[:5]})")
+    task.load_state_dict(weights, strict=False)
+    if ema is not None:
+        ema.load_state_dict(load_file(path / "ema.safetensors"))
+    training = torch.load(path / "training.pt", map_location="cpu", weights_only=False)
+    for k, o in optimizers.items():
+        o.load_state_dict(training["optimizers"][k])
+    for k, s in schedulers.items():
+        s.load_state_dict(training["schedulers"][k])
+    rank_file = path / f"rank_{rank}.pt"
+    if state["world_size"] == world_size and rank_file.is_file():
+        per_rank = torch.load(rank_file, map_location="cpu", weights_only=False)
+        set_rng_state(per_rank["rng"])
+        loader.load_state_dict(per_rank["data"])
+    elif rank == 0:
+        print(f"[ldm] resuming {path} written by {state['world_size']} processes on {world_size}: "
+              f"weights and optimizer restored; data position and RNG start fresh")
+    return int(state["step"])

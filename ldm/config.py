@@ -1,0 +1,192 @@
+"""Structured configs: the schema every composed config is checked against before any compute.
+
+Hydra merges `conf/train.yaml` and its groups onto `TrainConfig`, so an unknown key or a wrong type in
+`data/`, `trainer/` or `logger/` fails at composition, naming the key. The model tree is data for
+`hydra.utils.instantiate` (`_target_` nodes); `check_targets` validates each node against the signature
+of the class it names, so `model.task.autoencoder.chh: 64` fails the same way.
+"""
+from __future__ import annotations
+
+import inspect
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class LRSchedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class LoggerKind(str, Enum):
+    wandb = "wandb"
+    none = "none"
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    shards: str = MISSING  # training shards: brace pattern, glob or comma-separated list
+    val_shards: Optional[str] = None  # held-out shards for metrics / sample prompts
+    image_size: int = 64  # pixels; images are resized (shorter side) and centre-cropped
+    shuffle_buffer: int = 1000  # samples held for shuffling in each loader worker
+    resample: bool = False  # draw shards with replacement (infinite stream, no epochs)
+    caption_field: str = "txt"  # "txt" reads KEY.txt; "json:<field>" reads a field of KEY.json
+    label_field: Optional[str] = None  # a KEY.json field giving an integer class label
+    num_workers: int = 2  # DataLoader workers per rank
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 32  # GLOBAL batch: micro_batch x processes x accumulation (no hidden scaling)
+    micro_batch_size: Optional[int] = None  # per-process forward batch; None = batch_size / processes
+    mixed_precision: Precision = Precision.no  # no | bf16 | fp16 (fp16 autocast is a no-op on CPU)
+    lr_warmup_steps: int = 0  # linear warm-up from 0
+    lr_schedule: LRSchedule = LRSchedule.constant  # constant | cosine (after warm-up)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    log_every: int = 10  # steps between scalar logs
+    eval_every: int = 500  # steps between held-out metrics / image grids (0 = only at the end)
+    eval_batches: int = 4  # batches of the held-out set per evaluation
+    ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep_last: int = 3  # checkpoints kept on disk
+    resume: str = "latest"  # latest | never | PATH to a checkpoint directory
+    seed: int = 0
+    latent_stat_batches: int = 8  # stage 1: batches used to measure latent mean/std at the end
+    channels_last: bool = False  # memory format for conv-heavy models
+    progress: bool = True  # tqdm progress bar on the main process
+
+
+@dataclass
+class LoggerConfig:
+    kind: LoggerKind = LoggerKind.wandb  # wandb | none
+    project: str = "ldm"
+    entity: Optional[str] = None
+    mode: Optional[str] = None  # online | offline | disabled; None = online with an API key, else offline
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = MISSING  # absolute learning rate: never rescaled by GPU count
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.9999
+    warmup: bool = True  # decay ramps as min(decay, (1 + step) / (10 + step))
+
+
+@dataclass
+class FirstStageConfig:
+    ckpt: str = MISSING  # autoencoder.safetensors written at the end of stage 1
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    task: Any = MISSING  # `_target_` tree, instantiated by train/main.py
+    optim: Dict[str, OptimConfig] = field(default_factory=dict)  # one AdamW per task param group
+    ema: Optional[EMAConfig] = None
+    first_stage: Optional[FirstStageConfig] = None
+
+
+@dataclass
+class PathsConfig:
+    data: str = "shards"  # where demo / converted shards live
+    runs: str = "runs"  # where run directories are created
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    run_dir: str = MISSING  # same on every rank: built from config values, never from ${now:}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """A small runtime check for the annotation shapes used by our constructors."""
+    if annotation in (inspect.Parameter.empty, Any) or isinstance(annotation, str):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin in (list, tuple, typing.Sequence, typing.Iterable) or annotation in (list, tuple):
+        return isinstance(value, (list, tuple, ListConfig))
+    if origin is dict or annotation is dict:
+        return isinstance(value, (dict, DictConfig))
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (bool, str):
+        return isinstance(value, annotation)
+    return True  # classes, modules, callables: instantiate decides
+
+
+def check_targets(node: Any, path: str = "model") -> None:
+    """Check every `_target_` node under `node` against its target's signature.
+
+    Raises ConfigError naming the full key for an unknown argument or a value of the wrong type.
+    """
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            check_targets(item, f"{path}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    if "_target_" in node:
+        try:
+            target = get_object(node._target_)
+        except Exception as e:  # noqa: BLE001 - report any import problem with the key
+            raise ConfigError(f"{path}._target_: cannot import '{node._target_}': {e}") from e
+        fn = target.__init__ if inspect.isclass(target) else target
+        params = inspect.signature(fn).parameters
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:  # noqa: BLE001 - unresolvable annotations: skip type checks
+            hints = {}
+        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        for key in node:
+            if str(key).startswith("_"):
+                continue
+            if key not in params and not takes_kwargs:
+                valid = ", ".join(k for k in params if k not in ("self", "args", "kwargs"))
+                raise ConfigError(f"{path}.{key}: unknown argument of {node._target_} (valid: {valid})")
+            value = OmegaConf.to_container(node[key], resolve=True) if OmegaConf.is_config(node[key]) \
+                else node[key]
+            if isinstance(value, dict) and "_target_" in value:
+                continue
+            if key in hints and not _type_ok(value, hints[key]):
+                raise ConfigError(f"{path}.{key}: expected {hints[key]}, got {type(value).__name__} {value!r}")
+    for key in node:
+        if not str(key).startswith("_"):
+            check_targets(node[key], f"{path}.{key}")

@@ -1,0 +1,92 @@
+"""Build the pieces of a run from its config: accelerator, task, optimizers, schedules, loaders.
+
+Config names the class; this file supplies the facts (world size, derived batch sizes, the first-stage
+autoencoder for stage 2).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ldm.config import check_targets
+from ldm.data.webdataset import build_loader
+
+
+def batch_geometry(global_batch: int, micro_batch: int | None, world_size: int) -> tuple[int, int]:
+    """(micro_batch, accumulation) such that micro × world × accumulation == global batch.
+
+    The global batch is what the user sets; nothing is rescaled behind their back when the number of
+    processes changes (implicit LR scaling by GPU count is a known source of broken runs elsewhere).
+    """
+    micro = micro_batch or global_batch // world_size
+    if micro < 1 or global_batch % (micro * world_size):
+        raise ValueError(f"trainer.batch_size={global_batch} is not a multiple of micro_batch_size ({micro}) x "
+                         f"processes ({world_size}); pick a global batch divisible by both")
+    return micro, global_batch // (micro * world_size)
+
+
+def build_accelerator(cfg) -> tuple[Accelerator, int, int]:
+    world = PartialState().num_processes
+    micro, accum = batch_geometry(cfg.trainer.batch_size, cfg.trainer.micro_batch_size, world)
+    log_with = None if cfg.logger.kind.value == "none" else "wandb"
+    accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision.value, gradient_accumulation_steps=accum,
+                              log_with=log_with, step_scheduler_with_optimizer=False)
+    return accelerator, micro, accum
+
+
+def build_task(cfg) -> torch.nn.Module:
+    """Instantiate `model.task`; stage 2 additionally receives the frozen first-stage autoencoder."""
+    check_targets(cfg.model.task, "model.task")
+    facts = {}
+    if cfg.model.get("first_stage") is not None:
+        from ldm.models.autoencoder import load_autoencoder
+
+        facts["first_stage"] = load_autoencoder(cfg.model.first_stage.ckpt)
+    task = instantiate(cfg.model.task, **facts)
+    groups = task.param_groups()
+    if set(groups) != set(cfg.model.optim):
+        raise ValueError(f"model.optim has groups {sorted(cfg.model.optim)} but {type(task).__name__} trains "
+                         f"{sorted(groups)}; give one optimizer entry per group")
+    return task
+
+
+def build_optimizers(cfg, task) -> dict[str, torch.optim.Optimizer]:
+    return {name: torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+            for name, params in task.param_groups().items() for o in [cfg.model.optim[name]]}
+
+
+def build_scheduler(trainer_cfg, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup, total, kind = trainer_cfg.lr_warmup_steps, trainer_cfg.max_steps, trainer_cfg.lr_schedule.value
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_train_loader(cfg, micro_batch: int, rank: int, world_size: int):
+    d = cfg.data
+    return build_loader(d.shards, batch_size=micro_batch, image_size=d.image_size, rank=rank, world_size=world_size,
+                        num_workers=d.num_workers, seed=cfg.trainer.seed, shuffle_buffer=d.shuffle_buffer,
+                        resample=d.resample, caption_field=d.caption_field, label_field=d.label_field)
+
+
+def build_eval_loader(cfg, batch_size: int, shards: str | None = None):
+    """One deterministic pass over the held-out shards (or the training shards if none are set)."""
+    d = cfg.data
+    return build_loader(shards or d.val_shards or d.shards, batch_size=batch_size, image_size=d.image_size,
+                        num_workers=min(1, d.num_workers), seed=cfg.trainer.seed, shuffle_buffer=0,
+                        caption_field=d.caption_field, label_field=d.label_field, epochs=1)
+
+
+def save_config(cfg, run_dir: Path) -> None:
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
