@@ -1,0 +1,435 @@
+"""Conditioning encoders τ_θ (paper §3.3): y -> tokens for cross-attention and/or spatial maps to concat.
+
+Every conditioner is an `nn.Module` chosen in config by `_target_` and called the same way:
+
+    cond = conditioner(batch, drop=None, latent_size=(h, w))  # -> {"context": (B,M,d), "concat": (B,C,h,w)}
+
+* `batch` is the data pipeline's dict ("caption", "label", "image", optional "lowres", ...).
+* `drop` is a BoolTensor (B,): rows where it is True get the NULL condition. The task draws it with
+  `sample_drop_mask(B, ucg_rate)` for classifier-free-guidance training (Ho & Salimans 2022) and
+  passes `torch.ones(B, dtype=bool)` for the unconditional branch when sampling.
+* `latent_size` is the latent's spatial size; only spatial (concat) conditioners use it.
+* `context_dim` (None when no tokens) and `concat_channels` (0 when none) are what the task hands to
+  the UNet: `context_dim=cond.context_dim`, `in_channels=latent_channels + cond.concat_channels`.
+
+Inpainting / semantic synthesis use the concat path too: put the maps in the batch (e.g. "mask" and
+"masked_image", built by the data pipeline or the task) and use
+`SpatialConcat(channels={"mask": 1, "masked_image": 3})`; the task's UNet then has
+`in_channels = latent_channels + 4`. (The paper's inpainting model concatenates E(masked image) instead
+of pixels; a task that owns the autoencoder can encode it and put the latent in the batch under its own
+key, and the same conditioner passes it through at latent size.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ldm.modules.tokenizer import BPETokenizer, _check_captions, warn_truncation
+
+NULL_CAPTION = ""  # the text encoders' null condition: an empty prompt (as in Stable Diffusion)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def sample_drop_mask(batch_size: int, rate: float, device=None, generator=None) -> torch.Tensor:
+    """BoolTensor (B,): each row dropped to the null condition with probability `rate` (CFG training)."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"sample_drop_mask: rate={rate} is not a probability")
+    return torch.rand(batch_size, device=device, generator=generator) < rate
+
+
+def _check_drop(drop: torch.Tensor | None, batch_size: int, where: str) -> torch.Tensor | None:
+    if drop is None:
+        return None
+    if drop.dtype != torch.bool or drop.shape != (batch_size,):
+        raise ValueError(f"{where}: drop must be a BoolTensor of shape ({batch_size},), "
+                         f"got {drop.dtype} {tuple(drop.shape)}")
+    return drop
+
+
+def _batch_item(batch: dict, key: str, where: str):
+    if key not in batch:
+        raise KeyError(f"{where}: the batch has no {key!r} (it has {sorted(batch)})")
+    return batch[key]
+
+
+def _captions_with_nulls(batch: dict, key: str, drop, where: str) -> list[str]:
+    captions = _check_captions(_batch_item(batch, key, where), where)
+    drop = _check_drop(drop, len(captions), where)
+    if drop is None:
+        return captions
+    return [NULL_CAPTION if d else c for c, d in zip(captions, drop.tolist())]
+
+
+def _zero_dropped(x: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    if drop is None:
+        return x
+    keep = (~drop.to(x.device)).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return x * keep
+
+
+def resize_to_latent(x: torch.Tensor, size: tuple[int, int], upsample_mode: str = "bicubic") -> torch.Tensor:
+    """Resize a (B,C,H,W) map to the latent's (h, w). Area-average when shrinking (no aliasing),
+    `upsample_mode` when growing; bicubic overshoot is clamped back into the data range [-1, 1]."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if x.shape[-2] > size[0] and x.shape[-1] > size[1]:
+        return F.interpolate(x, size=size, mode="area")
+    y = F.interpolate(x, size=size, mode=upsample_mode)
+    return y.clamp(-1.0, 1.0) if upsample_mode == "bicubic" else y
+
+
+# ------------------------------------------------------------------- jointly trained text encoder
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer block (bidirectional self-attention + GELU MLP)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"TransformerBlock: dim={dim} is not divisible by heads={heads}")
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        b, m, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, m, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        # Padding keys are masked so a caption's features do not depend on how much padding follows it.
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :],
+                                           dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, m, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerTextEncoder(nn.Module):
+    """The paper's τ_θ for text (§3.3, §4.3.1): BPE tokens -> transformer, trained jointly with the UNet.
+
+    The tokenizer is fitted lazily (`fit_tokenizer(captions)`, called by the task before training)
+    and stored in the state_dict as `_extra_state` (a uint8 tensor of its JSON), so a safetensors
+    checkpoint of the task holds everything needed to encode a prompt later.
+    """
+
+    def __init__(self, vocab_size: int = 1024, max_length: int = 77, dim: int = 512, depth: int = 6,
+                 heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0, caption_key: str = "caption"):
+        super().__init__()
+        self.vocab_size, self.max_length, self.dim, self.caption_key = vocab_size, max_length, dim, caption_key
+        self.tokenizer: BPETokenizer | None = None
+        self.token_embedding = nn.Embedding(vocab_size, dim)
+        self.position_embedding = nn.Parameter(torch.empty(max_length, dim))
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(dim)
+        # GPT-2/BERT initialisation scale for embeddings.
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding, std=0.02)
+
+    @property
+    def context_dim(self) -> int:
+        return self.dim
+
+    @property
+    def concat_channels(self) -> int:
+        return 0
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.tokenizer is not None
+
+    def fit_tokenizer(self, captions: list[str], **train_kwargs) -> BPETokenizer:
+        self.tokenizer = BPETokenizer.train(captions, self.vocab_size, **train_kwargs)
+        return self.tokenizer
+
+    # -- the tokenizer travels inside state_dict() (and so inside safetensors checkpoints)
+    def get_extra_state(self) -> torch.Tensor:
+        if self.tokenizer is None:
+            return torch.zeros(0, dtype=torch.uint8)
+        return torch.frombuffer(bytearray(self.tokenizer.to_json().encode("utf-8")), dtype=torch.uint8).clone()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        if state.numel() == 0:
+            self.tokenizer = None
+            return
+        tokenizer = BPETokenizer.from_json(bytes(state.cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        if tokenizer.vocab_size > self.vocab_size:
+            raise ValueError(f"TransformerTextEncoder: the stored tokenizer has {tokenizer.vocab_size} tokens, "
+                             f"more than this encoder's vocab_size={self.vocab_size}")
+        self.tokenizer = tokenizer
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """captions -> (tokens (B, max_length, dim), mask (B, max_length) True on BOS..EOS)."""
+        if self.tokenizer is None:
+            raise RuntimeError("TransformerTextEncoder: the tokenizer is not fitted; call "
+                               "fit_tokenizer(captions) before training, or load a checkpoint that has one")
+        ids, mask = self.tokenizer.encode(captions, self.max_length)
+        device = self.position_embedding.device
+        ids, mask = ids.to(device), mask.to(device)
+        x = self.token_embedding(ids) + self.position_embedding
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.final_norm(x), mask
+
+    def forward(self, batch: dict, drop: torch.Tensor | None = None, latent_size=None) -> dict:
+        captions = _captions_with_nulls(batch, self.caption_key, drop, type(self).__name__)
+        return {"context": self.encode(captions)[0]}
+
+
+# ------------------------------------------------------------------- frozen pretrained text encoder
+# model_type (from config.json) -> transformers class. Text-only classes avoid loading CLIP's vision
+# tower or T5's decoder; everything else (BERT, MiniLM, ...) goes through AutoModel.
+HF_MODEL_CLASSES = {"clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel",
+                    "t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+# Stable Diffusion v1 ran CLIP on the padded prompt without an attention mask (CLIP is causal, so real
+# tokens are unaffected; only the pad positions differ). Matching that keeps SD weights usable.
+HF_PASS_ATTENTION_MASK = {"clip": False, "clip_text_model": False}
+# Final norm applied after taking an earlier layer ("penultimate", SD-2's choice / "clip skip").
+HF_FINAL_NORM = {"clip": "text_model.final_layer_norm", "clip_text_model": "text_model.final_layer_norm",
+                 "t5": "encoder.final_layer_norm", "mt5": "encoder.final_layer_norm",
+                 "umt5": "encoder.final_layer_norm"}
+
+
+def _last_hidden_state(encoder: "FrozenHFTextEncoder", out) -> torch.Tensor:
+    return out.last_hidden_state
+
+
+def _penultimate(encoder: "FrozenHFTextEncoder", out) -> torch.Tensor:
+    path = HF_FINAL_NORM.get(encoder.model_type)
+    norm = encoder.model.get_submodule(path) if path else nn.Identity()  # post-LN models (BERT): none
+    return norm(out.hidden_states[-2])
+
+
+HF_OUTPUTS = {"last_hidden_state": _last_hidden_state, "penultimate": _penultimate}
+
+
+def resolve_pretrained(name_or_path: str, local_files_only: bool = True):
+    """Return (path or hub id, AutoConfig). Raises FileNotFoundError naming every place looked at."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from transformers import AutoConfig
+
+    path = Path(name_or_path).expanduser()
+    source = str(path) if path.is_dir() else name_or_path
+    try:
+        return source, AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"FrozenHFTextEncoder: cannot load {name_or_path!r}: no model directory at {path.resolve()} and "
+            f"not found in the Hugging Face cache {HF_HUB_CACHE} (local_files_only={local_files_only}, "
+            f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). Cause: {err}") from err
+
+
+class FrozenHFTextEncoder(nn.Module):
+    """Stable-Diffusion-style frozen text encoder (CLIP / T5 / BERT) from a local path or the HF cache.
+
+    Never trained: eval mode is kept even under `.train()`, parameters have requires_grad False and
+    the forward runs under no_grad. Its weights do appear in state_dict() under `model.`.
+    """
+
+    def __init__(self, name_or_path: str, max_length: int = 77, output: str = "last_hidden_state",
+                 local_files_only: bool = True, pass_attention_mask: bool | None = None,
+                 caption_key: str = "caption"):
+        super().__init__()
+        import transformers
+
+        if output not in HF_OUTPUTS:
+            raise ValueError(f"FrozenHFTextEncoder: output={output!r}, expected one of {sorted(HF_OUTPUTS)}")
+        source, config = resolve_pretrained(name_or_path, local_files_only)
+        self.model_type = config.model_type
+        model_class = getattr(transformers, HF_MODEL_CLASSES.get(config.model_type, "AutoModel"))
+        self.model = model_class.from_pretrained(source, local_files_only=local_files_only)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        positions = getattr(self.model.config, "max_position_embeddings", None)  # None: relative (T5)
+        if positions is not None and max_length > positions:
+            raise ValueError(f"FrozenHFTextEncoder: max_length={max_length} exceeds {name_or_path!r}'s "
+                             f"max_position_embeddings={positions}")
+        self.max_length, self.output, self.caption_key = max_length, output, caption_key
+        self.pass_attention_mask = (HF_PASS_ATTENTION_MASK.get(self.model_type, True)
+                                    if pass_attention_mask is None else pass_attention_mask)
+        self.model.eval().requires_grad_(False)
+
+    @property
+    def context_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def concat_channels(self) -> int:
+        return 0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()  # frozen: dropout stays off whatever the task's mode
+        return self
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """captions -> (tokens (B, max_length, hidden), attention mask (B, max_length) bool)."""
+        captions = _check_captions(captions, "FrozenHFTextEncoder.encode")
+        lengths = [len(ids) for ids in self.tokenizer(captions)["input_ids"]]
+        dropped = [n - self.max_length for n in lengths if n > self.max_length]
+        if dropped:
+            warn_truncation(dropped, self.max_length, "FrozenHFTextEncoder.encode")
+        tok = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        device = next(self.model.parameters()).device
+        ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+        out = self.model(input_ids=ids, attention_mask=mask if self.pass_attention_mask else None,
+                         output_hidden_states=self.output != "last_hidden_state")
+        return HF_OUTPUTS[self.output](self, out), mask.bool()
+
+    def forward(self, batch: dict, drop: torch.Tensor | None = None, latent_size=None) -> dict:
+        captions = _captions_with_nulls(batch, self.caption_key, drop, type(self).__name__)
+        return {"context": self.encode(captions)[0]}
+
+
+# ------------------------------------------------------------------------------ class labels
+class ClassEmbedder(nn.Module):
+    """Class label -> one token (B, 1, dim) for cross-attention (CompVis `ClassEmbedder`, cin models).
+    The null condition is an extra learned index `num_classes`, trained by the CFG dropout."""
+
+    def __init__(self, num_classes: int, dim: int, label_key: str = "label"):
+        super().__init__()
+        self.num_classes, self.dim, self.label_key = num_classes, dim, label_key
+        self.embedding = nn.Embedding(num_classes + 1, dim)
+
+    @property
+    def context_dim(self) -> int:
+        return self.dim
+
+    @property
+    def concat_channels(self) -> int:
+        return 0
+
+    def forward(self, batch: dict, drop: torch.Tensor | None = None, latent_size=None) -> dict:
+        labels = _batch_item(batch, self.label_key, "ClassEmbedder")
+        labels = torch.as_tensor(labels).to(self.embedding.weight.device).long().view(-1)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"ClassEmbedder: batch[{self.label_key!r}] has labels outside "
+                             f"[0, {self.num_classes}): min {labels.min().item()}, max {labels.max().item()}")
+        drop = _check_drop(drop, labels.shape[0], "ClassEmbedder")
+        if drop is not None:
+            labels = torch.where(drop.to(labels.device), torch.full_like(labels, self.num_classes), labels)
+        return {"context": self.embedding(labels)[:, None, :]}
+
+
+# ------------------------------------------------------------------------------ spatial concat
+def _latent_size_or_error(latent_size, where: str):
+    if latent_size is None:
+        raise ValueError(f"{where}: pass latent_size=(h, w), the latent's spatial size")
+    return latent_size
+
+
+class LowResConcat(nn.Module):
+    """×`factor` super-resolution (`ldm_sr`, paper §4.4): the low-res image, resized to the latent
+    size, is concatenated to z_t. Uses batch["lowres"] when present, else area-downsamples
+    batch["image"] by `factor`. If the call gives no latent_size it is image size / `latent_factor`
+    (the autoencoder's downsampling factor). Null condition: zeros."""
+
+    def __init__(self, factor: int = 4, latent_factor: int | None = None, channels: int = 3,
+                 image_key: str = "image", lowres_key: str = "lowres", upsample_mode: str = "bicubic"):
+        super().__init__()
+        self.factor, self.latent_factor, self.channels = factor, latent_factor, channels
+        self.image_key, self.lowres_key, self.upsample_mode = image_key, lowres_key, upsample_mode
+
+    @property
+    def context_dim(self) -> None:
+        return None
+
+    @property
+    def concat_channels(self) -> int:
+        return self.channels
+
+    def lowres(self, batch: dict) -> torch.Tensor:
+        if self.lowres_key in batch:
+            return batch[self.lowres_key]
+        image = _batch_item(batch, self.image_key, "LowResConcat")
+        h, w = image.shape[-2:]
+        if h % self.factor or w % self.factor:
+            raise ValueError(f"LowResConcat: batch[{self.image_key!r}] size {h}x{w} is not divisible by "
+                             f"factor={self.factor}")
+        return F.interpolate(image, size=(h // self.factor, w // self.factor), mode="area")
+
+    def forward(self, batch: dict, drop: torch.Tensor | None = None, latent_size=None) -> dict:
+        lowres = self.lowres(batch)
+        if lowres.dim() != 4 or lowres.shape[1] != self.channels:
+            raise ValueError(f"LowResConcat: low-res image must be (B, {self.channels}, h, w), "
+                             f"got {tuple(lowres.shape)}")
+        if latent_size is None and self.latent_factor is not None:
+            latent_size = [s * self.factor // self.latent_factor for s in lowres.shape[-2:]]
+        latent_size = _latent_size_or_error(latent_size, "LowResConcat (or set latent_factor)")
+        concat = resize_to_latent(lowres, latent_size, self.upsample_mode)
+        return {"concat": _zero_dropped(concat, _check_drop(drop, lowres.shape[0], "LowResConcat"))}
+
+
+class SpatialConcat(nn.Module):
+    """Generic concat conditioner: batch maps (masks, masked images, semantic maps, encoded latents)
+    resized to the latent size and stacked in the order of `channels` ({key: channel count}).
+    Null condition: zeros."""
+
+    def __init__(self, channels: dict[str, int], upsample_mode: str = "nearest"):
+        super().__init__()
+        self.channels, self.upsample_mode = dict(channels), upsample_mode
+
+    @property
+    def context_dim(self) -> None:
+        return None
+
+    @property
+    def concat_channels(self) -> int:
+        return sum(self.channels.values())
+
+    def forward(self, batch: dict, drop: torch.Tensor | None = None, latent_size=None) -> dict:
+        latent_size = _latent_size_or_error(latent_size, "SpatialConcat")
+        maps = []
+        for key, c in self.channels.items():
+            x = _batch_item(batch, key, "SpatialConcat")
+            if x.dim() != 4 or x.shape[1] != c:
+                raise ValueError(f"SpatialConcat: batch[{key!r}] must be (B, {c}, H, W), got {tuple(x.shape)}")
+            maps.append(resize_to_latent(x.float(), latent_size, self.upsample_mode))
+        concat = torch.cat(maps, dim=1)
+        return {"concat": _zero_dropped(concat, _check_drop(drop, concat.shape[0], "SpatialConcat"))}
+
+
+# ------------------------------------------------------------------------------ none / several
+class Unconditional(nn.Module):
+    """No conditioning (LDM on CelebA-HQ, FFHQ, LSUN, paper §4.1)."""
+
+    context_dim = None
+    concat_channels = 0
+
+    def forward(self, batch: dict, drop: torch.Tensor | None = None, latent_size=None) -> dict:
+        return {}
+
+
+class Composite(nn.Module):
+    """Hybrid conditioning (paper §3.3): several conditioners at once. Token sets are joined along the
+    token axis (all must share context_dim), spatial maps along channels. `drop` drops all together,
+    so the null branch of classifier-free guidance is fully unconditional."""
+
+    def __init__(self, conditioners: dict[str, nn.Module]):
+        super().__init__()
+        self.conditioners = nn.ModuleDict(dict(conditioners))
+        dims = {n: c.context_dim for n, c in self.conditioners.items() if c.context_dim is not None}
+        if len(set(dims.values())) > 1:
+            raise ValueError(f"Composite: token conditioners disagree on context_dim: {dims}")
+        self._context_dim = next(iter(dims.values()), None)
+
+    @property
+    def context_dim(self) -> int | None:
+        return self._context_dim
+
+    @property
+    def concat_channels(self) -> int:
+        return sum(c.concat_channels for c in self.conditioners.values())
+
+    def forward(self, batch: dict, drop: torch.Tensor | None = None, latent_size=None) -> dict:
+        parts = [c(batch, drop, latent_size=latent_size) for c in self.conditioners.values()]
+        joined = {}
+        for key in ("context", "concat"):  # tokens: (B, M, d) join on M; maps: (B, C, h, w) join on C
+            tensors = [p[key] for p in parts if key in p]
+            if tensors:
+                joined[key] = torch.cat(tensors, dim=1)
+        return joined
