@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -34,3 +35,17 @@ class EMA(nn.Module):
         for b_ema, b in zip(self.shadow.buffers(), module.buffers()):
             b_ema.copy_(b)
         self.num_updates += 1
+
+    @contextmanager
+    def swapped_into(self, module: nn.Module):
+        """Temporarily load the EMA weights into `module` (for evaluation / sampling), then restore."""
+        backup = [p.detach().clone() for p in module.parameters()]
+        with torch.no_grad():
+            for p, q in zip(module.parameters(), self.shadow.parameters()):
+                p.copy_(q)
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for p, b in zip(module.parameters(), backup):
+                    p.copy_(b)

@@ -90,3 +90,47 @@ def build_eval_loader(cfg, batch_size: int, shards: str | None = None):
 
 def save_config(cfg, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def read_captions(urls: str, caption_field: str, limit: int = 50_000) -> list[str]:
+    """Captions of the first `limit` samples (shards in sorted order), read without decoding images."""
+    import json
+
+    import webdataset as wds
+
+    from ldm.data.webdataset import expand_urls
+
+    key, field = ("json", caption_field.split(":", 1)[1]) if caption_field.startswith("json:") else (caption_field, None)
+    captions = []
+    samples = wds.WebDataset(sorted(expand_urls(urls)), shardshuffle=False, empty_check=False,
+                             handler=wds.warn_and_continue)
+    for sample in samples:
+        value = sample.get(key)
+        if value is not None:
+            value = value.decode("utf-8")
+            captions.append(str(json.loads(value).get(field, "")) if field else value)
+        if len(captions) >= limit:
+            break
+    return captions
+
+
+def fit_tokenizer(task, cfg, accelerator, run_dir: Path) -> None:
+    """A jointly trained text encoder needs a tokenizer fitted on the dataset's captions before its
+    embedding exists. Rank 0 fits it and writes run_dir/tokenizer.json; the other ranks read that file, so
+    every rank holds the same vocabulary. On resume the checkpoint's tokenizer replaces it."""
+    encoder = getattr(task, "conditioner", None)
+    if encoder is None or not hasattr(encoder, "fit_tokenizer") or encoder.is_fitted:
+        return
+    from ldm.modules.tokenizer import BPETokenizer
+
+    path = run_dir / "tokenizer.json"
+    if accelerator.is_main_process and not path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        captions = read_captions(cfg.data.shards, cfg.data.caption_field)
+        if not captions:
+            raise ValueError(f"no captions found in {cfg.data.shards} (caption_field={cfg.data.caption_field})")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(encoder.fit_tokenizer(captions).to_json())
+        tmp.replace(path)
+    accelerator.wait_for_everyone()
+    encoder.tokenizer = BPETokenizer.from_json(path.read_text())

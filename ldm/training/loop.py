@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ldm.checkpoint import config_fingerprint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.ema import EMA
 from ldm.training.build import (build_accelerator, build_eval_loader, build_optimizers, build_scheduler,
-                                build_task, build_train_loader, save_config)
+                                build_task, build_train_loader, fit_tokenizer, save_config)
 from ldm.training.tracking import CSVLog, init_tracking, log_images
 
 
@@ -23,8 +23,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(task, cfg, accelerator, step: int, run_dir: Path) -> dict[str, float]:
-    """Held-out metrics + image grids, on the main process over `trainer.eval_batches` batches."""
+def evaluate(task, cfg, accelerator, step: int, run_dir: Path, ema=None) -> dict[str, float]:
+    """Held-out metrics + image grids, on the main process over `trainer.eval_batches` batches,
+    with the EMA weights when the model keeps an EMA (they sample better than the raw ones)."""
+    if ema is not None:
+        with ema.swapped_into(task.ema_target()):
+            return evaluate(task, cfg, accelerator, step, run_dir)
     was_training = task.training
     task.eval()
     totals, count, images = {}, 0, {}
@@ -51,6 +55,7 @@ def train(cfg) -> Path:
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.trainer.seed)  # identical initial weights on every rank
     task = build_task(cfg)
+    fit_tokenizer(task, cfg, accelerator, run_dir)
     if cfg.trainer.channels_last:
         task = task.to(memory_format=torch.channels_last)
     optimizers = build_optimizers(cfg, task)
@@ -90,6 +95,7 @@ def train(cfg) -> Path:
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
 
+    trace = (run_dir / f"trace_rank{rank}.txt").open("a") if cfg.trainer.trace else None
     data = iter(loader)
     bar = tqdm(total=cfg.trainer.max_steps, initial=step, disable=not (cfg.trainer.progress and
                                                                        accelerator.is_main_process), dynamic_ncols=True)
@@ -108,6 +114,8 @@ def train(cfg) -> Path:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
             seen += len(batch["image"])
+            if trace:
+                trace.write("".join(f"{step} {k}\n" for k in batch["key"]))
         for s in schedulers.values():
             s.step()
         if ema is not None:
@@ -128,13 +136,17 @@ def train(cfg) -> Path:
             tick, seen = time.perf_counter(), 0
         if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.max_steps:
             if accelerator.is_main_process:
-                metrics = evaluate(accelerator.unwrap_model(model), cfg, accelerator, step, run_dir)
+                metrics = evaluate(accelerator.unwrap_model(model), cfg, accelerator, step, run_dir, ema)
                 accelerator.log(metrics, step=step)
                 csv_log.write(step, metrics)
             accelerator.wait_for_everyone()
         if step % cfg.trainer.ckpt_every == 0 and step < cfg.trainer.max_steps:
             save_checkpoint(run_dir, step, **checkpoint_kwargs)
     bar.close()
+    if trace:
+        checksum = sum(float(p.double().sum()) for p in task.parameters())
+        trace.write(f"checksum {checksum!r}\n")
+        trace.close()
 
     if stop["flag"]:
         path = save_checkpoint(run_dir, step, **checkpoint_kwargs)
@@ -156,7 +168,7 @@ def train(cfg) -> Path:
     accelerator.wait_for_everyone()
     save_checkpoint(run_dir, step, **checkpoint_kwargs)
     if accelerator.is_main_process:
-        metrics = evaluate(task, cfg, accelerator, step, run_dir)
+        metrics = evaluate(task, cfg, accelerator, step, run_dir, ema)
         accelerator.log(metrics, step=step)
         csv_log.write(step, metrics)
         print("[ldm] final " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -1,0 +1,142 @@
+"""Stage 2 (paper §3.2-3.3): a time-conditional UNet trained on the latents of a frozen autoencoder,
+conditioned through τ_θ by cross-attention (tokens) and/or concatenation (spatial maps).
+
+    L_LDM = E_{z=s·E(x), ε, t} ‖ε − ε_θ(z_t, t, τ_θ(y))‖²      (paper eq. 2-3; x0/v targets, min-SNR optional)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ldm.diffusion.objective import add_noise, diffusion_loss, offset_noise
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.modules.encoders import sample_drop_mask
+from ldm.sampling import SAMPLERS, cfg_model_fn
+
+
+class LatentDiffusionTask(nn.Module):
+    """Owns the frozen first stage, the conditioner τ_θ and the UNet ε_θ.
+
+    `unet` is a partial (`_partial_: true` in the config): the facts it needs — latent channels,
+    concat channels and the token width — come from the first stage and the conditioner, not from YAML.
+    """
+
+    def __init__(self, unet: Callable[..., nn.Module], conditioner: nn.Module, first_stage: nn.Module,
+                 schedule: dict | None = None, parameterization: str = "eps", loss_weighting: str = "uniform",
+                 min_snr_gamma: float = 5.0, offset_noise: float = 0.0, ucg_rate: float = 0.1,
+                 sample_posterior: bool = True, sampler: str = "ddim", sample_steps: int = 25,
+                 guidance_scale: float = 1.5):
+        super().__init__()
+        self.first_stage = first_stage.eval().requires_grad_(False)
+        self.conditioner = conditioner
+        latent = first_stage.latent_channels
+        self.unet = unet(in_channels=latent + conditioner.concat_channels, out_channels=latent,
+                         context_dim=conditioner.context_dim)
+        self.schedule = NoiseSchedule.from_config(schedule or {})
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r}: choose one of {sorted(SAMPLERS)}")
+        self.parameterization, self.loss_weighting, self.min_snr_gamma = parameterization, loss_weighting, min_snr_gamma
+        self.offset_noise, self.ucg_rate, self.sample_posterior = offset_noise, ucg_rate, sample_posterior
+        self.sampler, self.sample_steps, self.guidance_scale = sampler, sample_steps, guidance_scale
+        trainable = any(p.requires_grad for p in conditioner.parameters())
+        # Frozen parts are rebuilt from their own files, not stored in every checkpoint.
+        self.frozen_prefixes = ("first_stage.",) + (() if trainable or _has_extra_state(conditioner)
+                                                     else ("conditioner.",))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.first_stage.eval()  # frozen: no dropout / quantizer restarts, ever
+        return self
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        params = list(self.unet.parameters()) + [p for p in self.conditioner.parameters() if p.requires_grad]
+        return {"unet": params}
+
+    def ema_target(self) -> nn.Module:
+        return self.unet
+
+    # -- latents ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """z = scale_factor · E(x), the first stage frozen and without gradients."""
+        z = self.first_stage.encode_latent(images, sample=self.sample_posterior and self.training)
+        return z.float() * self.first_stage.scale_factor
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """x = D(z / scale_factor), in float32: an fp16 decoder is a known source of NaN / black images."""
+        with torch.autocast(z.device.type, enabled=False):
+            return self.first_stage.decode(z.float() / self.first_stage.scale_factor).clamp(-1, 1)
+
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        if "concat" in cond:
+            z_t = torch.cat([z_t, cond["concat"].to(z_t.dtype)], dim=1)
+        return self.unet(z_t, t, context=cond.get("context"))
+
+    # -- training -----------------------------------------------------------------------------------
+    def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        z = self.encode(batch["image"])
+        b = z.shape[0]
+        noise = offset_noise(torch.randn_like(z), self.offset_noise)
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), device=z.device)
+        drop = sample_drop_mask(b, self.ucg_rate, device=z.device) if self.training else None
+        cond = self.conditioner(batch, drop, latent_size=tuple(z.shape[-2:]))
+        out = self.denoise(add_noise(self.schedule, z, noise, t), t, cond)
+        loss = diffusion_loss(self.schedule, out, z, noise, t, self.parameterization, self.loss_weighting,
+                              self.min_snr_gamma).mean()
+        return loss, {"loss": loss.detach()}
+
+    # -- sampling -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, batch: dict, *, sampler: str | None = None, steps: int | None = None,
+               guidance_scale: float | None = None, generator: torch.Generator | None = None,
+               latent_size: tuple[int, int] | None = None, **opts) -> torch.Tensor:
+        """Images `(B,3,H,W)` in [-1,1] for the conditions in `batch` (captions, labels, low-res images)."""
+        n = _batch_size(batch)
+        device = next(self.unet.parameters()).device
+        if latent_size is None:
+            f = self.first_stage.downsample_factor
+            if "image" not in batch:
+                raise ValueError("sample: pass latent_size=(h, w) when the batch holds no image to take it from")
+            latent_size = tuple(s // f for s in batch["image"].shape[-2:])
+        cond = self.conditioner(batch, None, latent_size=latent_size)
+        uncond = self.conditioner(batch, torch.ones(n, dtype=torch.bool, device=device), latent_size=latent_size)
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        model_fn = cfg_model_fn(lambda x, t, c: self.denoise(x, t, c), cond, uncond, scale) if cond else \
+            (lambda x, t: self.denoise(x, t, {}))
+        shape = (n, self.first_stage.latent_channels, *latent_size)
+        x_T = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
+        z = SAMPLERS[sampler or self.sampler](model_fn, x_T, self.schedule, steps=steps or self.sample_steps,
+                                              parameterization=self.parameterization, generator=generator, **opts)
+        return self.decode(z)
+
+    @torch.no_grad()
+    def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
+        n = min(16, _batch_size(batch))
+        batch = {k: v[:n] for k, v in batch.items()}
+        generator = torch.Generator(batch["image"].device).manual_seed(0)  # same noise every time: comparable grids
+        return {"samples": self.sample(batch, generator=generator), "references": batch["image"]}
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict) -> dict[str, float]:
+        """Held-out diffusion loss at fixed noise and timesteps (comparable across evaluations)."""
+        g = torch.Generator(batch["image"].device).manual_seed(0)
+        z = self.encode(batch["image"])
+        noise = torch.randn(z.shape, generator=g, device=z.device)
+        t = torch.randint(0, self.schedule.num_timesteps, (z.shape[0],), generator=g, device=z.device)
+        cond = self.conditioner(batch, None, latent_size=tuple(z.shape[-2:]))
+        out = self.denoise(add_noise(self.schedule, z, noise, t), t, cond)
+        return {"loss": float(diffusion_loss(self.schedule, out, z, noise, t, self.parameterization).mean())}
+
+
+def _batch_size(batch: dict) -> int:
+    for key in ("caption", "label", "image", "lowres"):
+        if key in batch:
+            return len(batch[key])
+    raise ValueError("batch has none of caption / label / image / lowres: nothing to condition on or count")
+
+
+def _has_extra_state(module: nn.Module) -> bool:
+    return any(type(m).get_extra_state is not nn.Module.get_extra_state for m in module.modules())
