@@ -10,32 +10,9 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
-from ldm.checkpoint import resolve_resume
-from ldm.config import TrainConfig
-from ldm.training.build import build_eval_loader, build_task
-
-
-def load_run(run_dir: Path, checkpoint: str = "latest"):
-    """(cfg, task, checkpoint path) of a finished or running run, weights loaded, in eval mode."""
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: is {run_dir} a run directory written by train/main.py?")
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(cfg_file))
-    ckpt = resolve_resume(checkpoint, run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}: train first (train/main.py)")
-    task = build_task(cfg)
-    weights = load_file(ckpt / "model.safetensors")
-    missing, unexpected = task.load_state_dict(weights, strict=False)
-    skip = tuple(getattr(task, "frozen_prefixes", ()))
-    missing = [k for k in missing if not (skip and k.startswith(skip))]
-    if missing or unexpected:
-        raise ValueError(f"{ckpt}: weights do not match the run's model (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
-    return cfg, task.eval(), ckpt
+from ldm.training.build import build_eval_loader
+from ldm.training.runs import load_run
 
 
 @torch.no_grad()

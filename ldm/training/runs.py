@@ -1,0 +1,39 @@
+"""Load a trained run (config + weights) for evaluation and sampling."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from ldm.checkpoint import resolve_resume
+from ldm.config import TrainConfig
+from ldm.training.build import build_task
+
+
+def load_run(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True):
+    """(cfg, task, checkpoint path) of a run written by train/main.py, weights loaded, in eval mode.
+
+    With `use_ema` the EMA weights (when the run keeps them) replace the EMA target's (the UNet).
+    """
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: is {run_dir} a run directory written by train/main.py?")
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(cfg_file))
+    ckpt = resolve_resume(checkpoint, run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}: train first (train/main.py)")
+    task = build_task(cfg)
+    weights = load_file(ckpt / "model.safetensors")
+    skip = tuple(getattr(task, "frozen_prefixes", ()))
+    expected = {k for k in task.state_dict() if not (skip and k.startswith(skip))}
+    if set(weights) != expected:
+        raise ValueError(f"{ckpt}: weights do not match the run's model (missing {sorted(expected - set(weights))[:5]}, "
+                         f"unexpected {sorted(set(weights) - expected)[:5]})")
+    task.load_state_dict(weights, strict=False)
+    ema_file = ckpt / "ema.safetensors"
+    if use_ema and ema_file.is_file():
+        shadow = {k.removeprefix("shadow."): v for k, v in load_file(ema_file).items() if k.startswith("shadow.")}
+        task.ema_target().load_state_dict(shadow)
+    return cfg, task.eval(), ckpt
