@@ -154,17 +154,19 @@ def train(cfg) -> Path:
         accelerator.end_training()
         return run_dir
     task = accelerator.unwrap_model(model)
-    if accelerator.is_main_process and hasattr(task, "latent_statistics"):
+    if hasattr(task, "latent_statistics"):
         # Stage 1 ends by measuring latent statistics (scale_factor = 1/std) and writing the one file
-        # stage 2 loads (`model.first_stage.ckpt`).
+        # stage 2 loads (`model.first_stage.ckpt`). Every rank reads the same batches (the sums are
+        # all-reduced), so the statistics are identical everywhere.
         from ldm.models.autoencoder import save_autoencoder
 
         batches = (to_device(b, accelerator.device) for b, _ in
                    zip(build_eval_loader(cfg, micro, shards=cfg.data.shards), range(cfg.trainer.latent_stat_batches)))
         task.latent_statistics(batches)
-        path = run_dir / "autoencoder.safetensors"
-        save_autoencoder(task.autoencoder, path, OmegaConf.to_container(cfg.model.task.autoencoder, resolve=True))
-        print(f"[ldm] wrote {path} (scale_factor {float(task.autoencoder.scale_factor):.4f})")
+        if accelerator.is_main_process:
+            path = run_dir / "autoencoder.safetensors"
+            save_autoencoder(task.autoencoder, path, OmegaConf.to_container(cfg.model.task.autoencoder, resolve=True))
+            print(f"[ldm] wrote {path} (scale_factor {float(task.autoencoder.scale_factor):.4f})")
     accelerator.wait_for_everyone()
     save_checkpoint(run_dir, step, **checkpoint_kwargs)
     if accelerator.is_main_process:
