@@ -188,19 +188,28 @@ HF_MODEL_CLASSES = {"clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel",
 # tokens are unaffected; only the pad positions differ). Matching that keeps SD weights usable.
 HF_PASS_ATTENTION_MASK = {"clip": False, "clip_text_model": False}
 # Final norm applied after taking an earlier layer ("penultimate", SD-2's choice / "clip skip").
-HF_FINAL_NORM = {"clip": "text_model.final_layer_norm", "clip_text_model": "text_model.final_layer_norm",
-                 "t5": "encoder.final_layer_norm", "mt5": "encoder.final_layer_norm",
-                 "umt5": "encoder.final_layer_norm"}
+# Candidate submodule paths: transformers v5 flattened CLIPTextModel (no `text_model.` level).
+_CLIP_NORM = ("final_layer_norm", "text_model.final_layer_norm")
+_T5_NORM = ("encoder.final_layer_norm",)
+HF_FINAL_NORM = {"clip": _CLIP_NORM, "clip_text_model": _CLIP_NORM, "t5": _T5_NORM, "mt5": _T5_NORM,
+                 "umt5": _T5_NORM}
 
 
 def _last_hidden_state(encoder: "FrozenHFTextEncoder", out) -> torch.Tensor:
     return out.last_hidden_state
 
 
+def _final_norm(model: nn.Module, model_type: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    paths = HF_FINAL_NORM.get(model_type, ())
+    found = [modules[p] for p in paths if p in modules]
+    if paths and not found:
+        raise RuntimeError(f"FrozenHFTextEncoder: no final norm at {paths} in this {model_type} model")
+    return found[0] if found else nn.Identity()  # post-LN models (BERT) need none
+
+
 def _penultimate(encoder: "FrozenHFTextEncoder", out) -> torch.Tensor:
-    path = HF_FINAL_NORM.get(encoder.model_type)
-    norm = encoder.model.get_submodule(path) if path else nn.Identity()  # post-LN models (BERT): none
-    return norm(out.hidden_states[-2])
+    return _final_norm(encoder.model, encoder.model_type)(out.hidden_states[-2])
 
 
 HF_OUTPUTS = {"last_hidden_state": _last_hidden_state, "penultimate": _penultimate}
@@ -264,7 +273,6 @@ class FrozenHFTextEncoder(nn.Module):
         self.model.eval()  # frozen: dropout stays off whatever the task's mode
         return self
 
-    @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """captions -> (tokens (B, max_length, hidden), attention mask (B, max_length) bool)."""
         captions = _check_captions(captions, "FrozenHFTextEncoder.encode")
@@ -276,9 +284,10 @@ class FrozenHFTextEncoder(nn.Module):
                              return_tensors="pt")
         device = next(self.model.parameters()).device
         ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
-        out = self.model(input_ids=ids, attention_mask=mask if self.pass_attention_mask else None,
-                         output_hidden_states=self.output != "last_hidden_state")
-        return HF_OUTPUTS[self.output](self, out), mask.bool()
+        with torch.no_grad():
+            out = self.model(input_ids=ids, attention_mask=mask if self.pass_attention_mask else None,
+                             output_hidden_states=self.output != "last_hidden_state")
+            return HF_OUTPUTS[self.output](self, out), mask.bool()
 
     def forward(self, batch: dict, drop: torch.Tensor | None = None, latent_size=None) -> dict:
         captions = _captions_with_nulls(batch, self.caption_key, drop, type(self).__name__)
