@@ -80,6 +80,8 @@ def test_unfitted_state_round_trip_and_vocab_guard(text_encoder):
     other = TransformerTextEncoder(vocab_size=300, max_length=16, dim=32, depth=2, heads=4)
     other.load_state_dict(empty.state_dict())
     assert not other.is_fitted
+    with pytest.raises(ValueError, match="vocab_size=256 is below 259"):
+        TransformerTextEncoder(vocab_size=256, max_length=16, dim=32, depth=2, heads=4)
     small = TransformerTextEncoder(vocab_size=280, max_length=16, dim=32, depth=2, heads=4)
     state = {k: v for k, v in text_encoder.state_dict().items()}
     state["token_embedding.weight"] = state["token_embedding.weight"][:280]
@@ -174,6 +176,19 @@ def test_frozen_t5_dispatch_mask_and_truncation(tiny_t5_dir):
     with pytest.warns(UserWarning, match="dropping 1 token"):  # 7 words + </s> = 8 > 7
         short = FrozenHFTextEncoder(str(tiny_t5_dir), max_length=7)
         short.encode(["a red circle on a white background", "a red circle"])
+
+
+def test_diffusers_pipeline_layout(tiny_clip_dir, tmp_path):
+    import shutil
+    pipe = tmp_path / "pipe"
+    (pipe / "text_encoder").mkdir(parents=True)
+    (pipe / "tokenizer").mkdir()
+    (pipe / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    for f in tiny_clip_dir.iterdir():
+        shutil.copy(f, pipe / ("tokenizer" if f.name.startswith("tokenizer") else "text_encoder") / f.name)
+    from_pipe = FrozenHFTextEncoder(str(pipe), max_length=48)
+    direct = FrozenHFTextEncoder(str(tiny_clip_dir), max_length=48)
+    torch.testing.assert_close(from_pipe.encode(BATCH)[0], direct.encode(BATCH)[0], rtol=0, atol=0)
 
 
 def test_missing_model_says_where_it_looked(tmp_path):

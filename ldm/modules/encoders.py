@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.tokenizer import BPETokenizer, _check_captions, warn_truncation
+from ldm.modules.tokenizer import MIN_VOCAB_SIZE, BPETokenizer, _check_captions, warn_truncation
 
 NULL_CAPTION = ""  # the text encoders' null condition: an empty prompt (as in Stable Diffusion)
 
@@ -119,6 +119,9 @@ class TransformerTextEncoder(nn.Module):
     def __init__(self, vocab_size: int = 1024, max_length: int = 77, dim: int = 512, depth: int = 6,
                  heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0, caption_key: str = "caption"):
         super().__init__()
+        if vocab_size < MIN_VOCAB_SIZE:  # fail at build time, not when the tokenizer is fitted
+            raise ValueError(f"TransformerTextEncoder: vocab_size={vocab_size} is below {MIN_VOCAB_SIZE}, the "
+                             f"byte-level BPE's 256-byte alphabet plus <pad>/<bos>/<eos>")
         self.vocab_size, self.max_length, self.dim, self.caption_key = vocab_size, max_length, dim, caption_key
         self.tokenizer: BPETokenizer | None = None
         self.token_embedding = nn.Embedding(vocab_size, dim)
@@ -215,7 +218,20 @@ def _penultimate(encoder: "FrozenHFTextEncoder", out) -> torch.Tensor:
 HF_OUTPUTS = {"last_hidden_state": _last_hidden_state, "penultimate": _penultimate}
 
 
-def resolve_pretrained(name_or_path: str, local_files_only: bool = True):
+def is_pipeline_layout(source: str) -> bool:
+    """A diffusers pipeline (e.g. stabilityai/stable-diffusion-2-1) keeps the text encoder and its
+    tokenizer in `text_encoder/` and `tokenizer/`, with `model_index.json` at the top."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(source).is_dir():
+        return (Path(source) / "model_index.json").is_file()
+    try:
+        return isinstance(try_to_load_from_cache(source, "model_index.json"), str)
+    except ValueError:  # not a valid repo id: nothing cached under it
+        return False
+
+
+def resolve_pretrained(name_or_path: str, local_files_only: bool = True, subfolder: str = ""):
     """Return (path or hub id, AutoConfig). Raises FileNotFoundError naming every place looked at."""
     from huggingface_hub.constants import HF_HUB_CACHE
     from transformers import AutoConfig
@@ -223,12 +239,14 @@ def resolve_pretrained(name_or_path: str, local_files_only: bool = True):
     path = Path(name_or_path).expanduser()
     source = str(path) if path.is_dir() else name_or_path
     try:
-        return source, AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+        config = AutoConfig.from_pretrained(source, subfolder=subfolder, local_files_only=local_files_only)
+        return source, config
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
-            f"FrozenHFTextEncoder: cannot load {name_or_path!r}: no model directory at {path.resolve()} and "
-            f"not found in the Hugging Face cache {HF_HUB_CACHE} (local_files_only={local_files_only}, "
-            f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). Cause: {err}") from err
+            f"FrozenHFTextEncoder: cannot load {name_or_path!r} (subfolder={subfolder!r}): no model directory "
+            f"at {path.resolve()} and not found in the Hugging Face cache {HF_HUB_CACHE} "
+            f"(local_files_only={local_files_only}, HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). "
+            f"Cause: {err}") from err
 
 
 class FrozenHFTextEncoder(nn.Module):
@@ -236,21 +254,33 @@ class FrozenHFTextEncoder(nn.Module):
 
     Never trained: eval mode is kept even under `.train()`, parameters have requires_grad False and
     the forward runs under no_grad. Its weights do appear in state_dict() under `model.`.
+
+    A diffusers pipeline directory / repo is recognised (model_index.json) and read from its
+    `text_encoder/` and `tokenizer/` subfolders unless `subfolder` / `tokenizer_subfolder` say otherwise.
+    Note: diffusers' SD-2 text encoder already has the last OpenCLIP layer removed (23 layers), so its
+    `last_hidden_state` IS SD-2's penultimate-layer context; `output="penultimate"` is for full models.
     """
 
     def __init__(self, name_or_path: str, max_length: int = 77, output: str = "last_hidden_state",
                  local_files_only: bool = True, pass_attention_mask: bool | None = None,
+                 subfolder: str | None = None, tokenizer_subfolder: str | None = None,
                  caption_key: str = "caption"):
         super().__init__()
         import transformers
 
         if output not in HF_OUTPUTS:
             raise ValueError(f"FrozenHFTextEncoder: output={output!r}, expected one of {sorted(HF_OUTPUTS)}")
-        source, config = resolve_pretrained(name_or_path, local_files_only)
+        pipeline = subfolder is None and is_pipeline_layout(str(Path(name_or_path).expanduser()))
+        if subfolder is None:
+            subfolder = "text_encoder" if pipeline else ""
+        if tokenizer_subfolder is None:
+            tokenizer_subfolder = "tokenizer" if pipeline else subfolder
+        source, config = resolve_pretrained(name_or_path, local_files_only, subfolder)
         self.model_type = config.model_type
         model_class = getattr(transformers, HF_MODEL_CLASSES.get(config.model_type, "AutoModel"))
-        self.model = model_class.from_pretrained(source, local_files_only=local_files_only)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        self.model = model_class.from_pretrained(source, subfolder=subfolder, local_files_only=local_files_only)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, subfolder=tokenizer_subfolder,
+                                                                    local_files_only=local_files_only)
         positions = getattr(self.model.config, "max_position_embeddings", None)  # None: relative (T5)
         if positions is not None and max_length > positions:
             raise ValueError(f"FrozenHFTextEncoder: max_length={max_length} exceeds {name_or_path!r}'s "

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2 (BpeTrainer assigns special tokens first)
 FORMAT_VERSION = 1
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte is a token, so no caption is ever <unk>
 
 
 def _check_captions(captions, where: str) -> list[str]:
@@ -51,10 +52,9 @@ class BPETokenizer:
         distributed run that fits on the same captions gets the same tokenizer."""
         captions = _check_captions(list(captions), "BPETokenizer.train")
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-        min_size = len(alphabet) + len(SPECIAL_TOKENS)
-        if vocab_size < min_size:
+        if vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(f"BPETokenizer.train: vocab_size={vocab_size} is below the byte alphabet "
-                             f"plus special tokens ({min_size})")
+                             f"plus special tokens ({MIN_VOCAB_SIZE})")
         tok = Tokenizer(models.BPE())
         # NFKC folds look-alike unicode; lowercase mirrors the paper's uncased BERT tokenizer.
         norms = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
