@@ -1,4 +1,5 @@
-"""`python -m data <tool> ...`: one entry point for the dataset tools (each also runs as `python -m data.<tool>`)."""
+"""`python -m data <tool> ...`: one entry point for the dataset tools (each also runs as
+`python -m data.<tool>`)."""
 
 import importlib
 import sys

@@ -46,13 +46,14 @@ def bad_shards(tmp_path_factory):
     good_png = _png(_image(100))
     jpeg = io.BytesIO()
     Image.fromarray(_image(101)).save(jpeg, format="JPEG")
+    cut_jpeg = jpeg.getvalue()[: len(jpeg.getvalue()) // 2]
     sixteen_bit = io.BytesIO()
     Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).save(sixteen_bit, format="PNG")
     assert Image.open(io.BytesIO(sixteen_bit.getvalue())).mode.startswith("I")
     rows = [
         {"__key__": "good0", "png": good_png, "txt": b"good 0", "json": b'{"label": 1}'},
         {"__key__": "garbage", "jpg": b"this is not a jpeg", "txt": b"x", "json": b'{"label": 1}'},
-        {"__key__": "cutjpeg", "jpg": jpeg.getvalue()[: len(jpeg.getvalue()) // 2], "txt": b"x", "json": b'{"label": 1}'},
+        {"__key__": "cutjpeg", "jpg": cut_jpeg, "txt": b"x", "json": b'{"label": 1}'},
         {"__key__": "nocaption", "png": good_png, "json": b'{"label": 1}'},
         {"__key__": "sixteen", "png": sixteen_bit.getvalue(), "txt": b"x", "json": b'{"label": 1}'},
         {"__key__": "noimage", "txt": b"only text", "json": b'{"label": 1}'},

@@ -71,7 +71,8 @@ def expand_urls(urls: str | list[str] | tuple[str, ...]) -> list[str]:
     """Brace pattern, glob, comma/'::' list or Python list -> list of shard urls.
 
     Local paths must exist (FileNotFoundError naming the pattern); remote urls pass through."""
-    specs = _split_outside_braces(urls) if isinstance(urls, str) else [s for u in urls for s in _split_outside_braces(u)]
+    pieces = [urls] if isinstance(urls, str) else list(urls)
+    specs = [spec for piece in pieces for spec in _split_outside_braces(piece)]
     if not specs:
         raise FileNotFoundError(f"no shard pattern given (urls={urls!r})")
     result = []
@@ -87,7 +88,8 @@ def expand_urls(urls: str | list[str] | tuple[str, ...]) -> list[str]:
             raise FileNotFoundError(f"no shard files found for pattern {spec!r}")
         missing = [p for p in expanded if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} shard(s) of pattern {spec!r} do not exist, e.g. {missing[0]!r}")
+            raise FileNotFoundError(
+                f"{len(missing)} shard(s) of pattern {spec!r} do not exist, e.g. {missing[0]!r}")
         result.extend(found)
     return result
 
@@ -147,7 +149,8 @@ class SampleDecoder:
     def __call__(self, raw: dict) -> dict:
         extension = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
         if extension is None:
-            raise SkipSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} entry (has {sorted(_entries(raw))})")
+            have = sorted(k for k in raw if not k.startswith("__"))
+            raise SkipSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} entry (has {have})")
         meta = _parse_json(raw)
         sample = {"key": raw["__key__"], "meta": meta, "caption": self._caption(raw, meta)}
         if self.label_field is not None:
@@ -177,10 +180,6 @@ class SampleDecoder:
         return int(value)
 
 
-def _entries(raw: dict) -> list[str]:
-    return [k for k in raw if not k.startswith("__")]
-
-
 def _parse_json(raw: dict) -> dict:
     if "json" not in raw:
         return {}
@@ -207,7 +206,7 @@ class SkipCounter:
         self.counts[kind] += 1
         count = self.counts[kind]
         if count <= WARN_FIRST or count % WARN_EVERY == 0:
-            more = f" [{count} {kind} so far in worker {self.worker}; warnings rate-limited]" if count >= WARN_FIRST else ""
+            more = f" [{count} so far in worker {self.worker}; warnings rate-limited]" if count >= WARN_FIRST else ""
             log.warning("skipped sample (%s) shard=%s key=%s: %s%s", kind, url, key, detail, more)
 
 
@@ -277,7 +276,8 @@ class Position:
         return cls(epoch, [0] * workers, [0] * workers, [False] * workers, 0)
 
     def copy(self) -> "Position":
-        return dataclasses.replace(self, consumed=list(self.consumed), samples=list(self.samples), done=list(self.done))
+        return dataclasses.replace(self, consumed=list(self.consumed), samples=list(self.samples),
+                                   done=list(self.done))
 
 
 def _seed(*parts) -> str:
@@ -297,7 +297,8 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.urls, self.decoder, self.batch_size = urls, decoder, batch_size
         self.rank, self.world_size, self.workers, self.seed = rank, world_size, workers, seed
-        self.shuffle, self.shuffle_buffer, self.resample, self.drop_last = shuffle, shuffle_buffer, resample, drop_last
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        self.resample, self.drop_last = resample, drop_last
         self.start = Position.start_of(0, workers)  # set by ResumableLoader before each iter()
         self.final_epoch: int | None = None  # exclusive; None runs forever
         self.shards_per_worker = max(1, math.ceil(len(urls) / (world_size * workers)))
@@ -322,7 +323,8 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         counter, start = SkipCounter(worker), self.start
-        for epoch in itertools.count(start.epoch) if self.final_epoch is None else range(start.epoch, self.final_epoch):
+        epochs = itertools.count(start.epoch) if self.final_epoch is None else range(start.epoch, self.final_epoch)
+        for epoch in epochs:
             resuming = epoch == start.epoch
             if not (resuming and start.done[worker]):
                 skip_samples, first_index = (start.samples[worker], start.consumed[worker]) if resuming else (0, 0)
@@ -404,8 +406,8 @@ class ResumableLoader:
         layout = {"num_workers": self.slots, "world_size": self.stream.world_size, "seed": self.stream.seed}
         mismatched = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
         if mismatched and strict:
-            raise ValueError(f"data position was saved with a different layout (saved, now): {mismatched}; "
-                             "exact resume needs the same values (load_state_dict(..., strict=False) restarts the epoch)")
+            raise ValueError(f"data position was saved with a different layout (saved, now): {mismatched}; exact "
+                             "resume needs the same values (load_state_dict(..., strict=False) restarts the epoch)")
         if mismatched:
             log.warning("data layout changed %s: restarting epoch %d from its start", mismatched, state["epoch"])
             self._position = Position.start_of(int(state["epoch"]), self.slots)
