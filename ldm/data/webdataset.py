@@ -326,9 +326,10 @@ class ShardStream(IterableDataset):
         epochs = itertools.count(start.epoch) if self.final_epoch is None else range(start.epoch, self.final_epoch)
         for epoch in epochs:
             resuming = epoch == start.epoch
-            if not (resuming and start.done[worker]):
-                skip_samples, first_index = (start.samples[worker], start.consumed[worker]) if resuming else (0, 0)
-                yield from self._epoch(epoch, worker, counter, skip_samples, first_index)
+            if resuming and start.done[worker]:
+                continue  # its end of this epoch was already handed to the main process
+            skip_samples, first_index = (start.samples[worker], start.consumed[worker]) if resuming else (0, 0)
+            yield from self._epoch(epoch, worker, counter, skip_samples, first_index)
             yield {"__end__": True, "__worker__": worker, "__epoch__": epoch, "__skipped__": dict(counter.counts)}
 
     def _epoch(self, epoch, worker, counter, skip_samples, first_index):
