@@ -16,7 +16,7 @@ import functools
 
 import numpy as np
 
-from ldm.data.shards import write_shards
+from ldm.data.shards import samples_per_shard, write_shards
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -60,7 +60,8 @@ def write_mnist(out_dir: str, val_fraction: float = 0.1, seed: int = 0, max_coun
     for split, indices in split_indices(labels, val_fraction, seed).items():
         samples = ({"key": f"mnist{int(i):05d}", "image": images[i], "caption": caption_for(int(labels[i])),
                     "meta": {"label": int(labels[i])}} for i in indices)
-        patterns[split] = write_shards(samples, out_dir, split, max_count=max_count).pattern
+        per_shard = samples_per_shard(len(indices), max_count)
+        patterns[split] = write_shards(samples, out_dir, split, max_count=per_shard).pattern
     return patterns
 
 
@@ -69,7 +70,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (splits get >= 8 shards)")
     args = parser.parse_args(argv)
     print(write_mnist(args.out, args.val_fraction, args.seed, args.max_count))
 

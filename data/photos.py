@@ -20,7 +20,7 @@ import argparse
 import numpy as np
 from PIL import Image
 
-from ldm.data.shards import write_shards
+from ldm.data.shards import samples_per_shard, write_shards
 
 # source -> (loader returning uint8 HxWx3 arrays, caption noun phrase)
 CAPTIONS = {
@@ -80,7 +80,8 @@ def write_photos(out_dir: str, n_train: int = 4000, n_val: int = 400, size: int 
                                                ("val", VAL_SOURCES, n_val, (seed, 1))):
         samples = ({"key": f"{split}{i:06d}", "image": crop, "caption": f"a photo of {CAPTIONS[meta['source']]}",
                     "meta": meta} for i, (crop, meta) in enumerate(generate(sources, count, size, stream_seed)))
-        patterns[split] = write_shards(samples, out_dir, split, max_count=max_count).pattern
+        per_shard = samples_per_shard(count, max_count)
+        patterns[split] = write_shards(samples, out_dir, split, max_count=per_shard).pattern
     return patterns
 
 
@@ -91,7 +92,7 @@ def main(argv=None) -> None:
     parser.add_argument("--val", type=int, default=400)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (splits get >= 8 shards)")
     args = parser.parse_args(argv)
     print(write_photos(args.out, args.train, args.val, args.size, args.seed, args.max_count))
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from ldm.data.shards import write_shards
+from ldm.data.shards import samples_per_shard, write_shards
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
            "yellow": (255, 255, 0), "cyan": (0, 255, 255), "magenta": (255, 0, 255)}
@@ -196,7 +196,8 @@ def write_shapes(out_dir: str, n_train: int = 5000, n_val: int = 500, size: int 
     for split, count, stream_seed in (("train", n_train, (seed, 0)), ("val", n_val, (seed, 1))):
         samples = ({"key": f"{split}{i:06d}", "image": image, "caption": caption_for(attrs), "meta": attrs}
                    for i, (image, attrs) in enumerate(generate(count, size, stream_seed)))
-        patterns[split] = write_shards(samples, out_dir, split, max_count=max_count).pattern
+        per_shard = samples_per_shard(count, max_count)
+        patterns[split] = write_shards(samples, out_dir, split, max_count=per_shard).pattern
     return patterns
 
 
@@ -207,7 +208,7 @@ def main(argv=None) -> None:
     parser.add_argument("--val", type=int, default=500)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (splits get >= 8 shards)")
     args = parser.parse_args(argv)
     print(write_shapes(args.out, args.train, args.val, args.size, args.seed, args.max_count))
 

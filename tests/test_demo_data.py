@@ -27,7 +27,7 @@ def shape_samples():
 
 def test_shapes_writer_captions_and_attributes(tmp_path):
     patterns = shapes.write_shapes(str(tmp_path), n_train=40, n_val=10, size=32, seed=1, max_count=16)
-    assert patterns["train"] == f"{tmp_path}/train-{{000000..000002}}.tar"
+    assert patterns["train"] == f"{tmp_path}/train-{{000000..000007}}.tar"  # >= 8 shards for ranks x workers
     batches = _read_all(patterns["train"], 32)
     captions = [c for b in batches for c in b["caption"]]
     metas = [m for b in batches for m in b["meta"]]

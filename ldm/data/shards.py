@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -118,6 +119,12 @@ class ShardSink:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def samples_per_shard(count: int, max_count: int = 1000, min_shards: int = 8) -> int:
+    """Shard size for `count` samples: at most max_count, and small enough to give >= min_shards shards,
+    because ranks x workers each need a shard of their own (8 covers 2 nodes x 2 GPUs x 2 workers)."""
+    return max(1, min(max_count, math.ceil(count / min_shards)))
 
 
 def write_shards(samples, out_dir: str, split: str = "train", *, max_count: int = 1000,
