@@ -402,9 +402,11 @@ class ResumableLoader:
                 "rank": self.stream.rank, "world_size": self.stream.world_size, "seed": self.stream.seed}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Resume at `state`. A different worker/world layout or seed cannot resume exactly: strict raises,
+        """Resume at `state`, the `state_dict()` THIS rank saved (positions differ per rank: gather and save
+        every rank's). A different rank/worker/world layout or seed cannot resume exactly: strict raises,
         strict=False restarts the saved epoch from its beginning."""
-        layout = {"num_workers": self.slots, "world_size": self.stream.world_size, "seed": self.stream.seed}
+        layout = {"num_workers": self.slots, "rank": self.stream.rank, "world_size": self.stream.world_size,
+                  "seed": self.stream.seed}
         mismatched = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
         if mismatched and strict:
             raise ValueError(f"data position was saved with a different layout (saved, now): {mismatched}; exact "
