@@ -1,0 +1,84 @@
+"""Stage-1 task: train a KL- or VQ-regularised autoencoder with L1 + LPIPS + PatchGAN (Sec. 3.1).
+
+Implements the task contract of docs/architecture.md for train/loop.py.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ldm.losses.autoencoder import AutoencoderLoss
+from ldm.metrics import lpips_distance, psnr, ssim
+
+
+class AutoencoderTask(nn.Module):
+    def __init__(self, autoencoder: nn.Module, loss: AutoencoderLoss):
+        super().__init__()
+        self.autoencoder, self.loss = autoencoder, loss
+
+    def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = batch["image"]
+        # ONE encode/decode feeds both the generator and the discriminator terms (see AutoencoderLoss).
+        reconstructions, regularization = self.autoencoder(images)
+        return self.loss(images, reconstructions, regularization, step, self.autoencoder.last_layer())
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        # logvar belongs to the generator side: it scales the nll the autoencoder minimises.
+        return {"autoencoder": [*self.autoencoder.parameters(), self.loss.logvar],
+                "discriminator": list(self.loss.discriminator.parameters())}
+
+    def ema_target(self) -> None:
+        return None
+
+    @torch.no_grad()
+    def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch["image"]
+        reconstructions, _ = self.autoencoder(images, sample=False)
+        return {"inputs": images, "reconstructions": reconstructions.clamp(-1, 1)}
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict) -> dict[str, float]:
+        images = batch["image"]
+        reconstructions, regularization = self.autoencoder(images, sample=False)
+        reconstructions = reconstructions.clamp(-1, 1)
+        metrics = {"psnr": psnr(images, reconstructions).mean().item(),
+                   "ssim": ssim(images, reconstructions).mean().item()}
+        if self.loss.lpips is not None:
+            metrics["lpips"] = lpips_distance(self.loss.lpips, images, reconstructions).mean().item()
+        if isinstance(regularization, dict):  # VQ: how much of the codebook the data uses
+            metrics["codebook_usage"] = float(regularization["usage"])
+            metrics["perplexity"] = float(regularization["perplexity"])
+        return metrics
+
+    @torch.no_grad()
+    def latent_statistics(self, batches: Iterable[dict]) -> dict[str, torch.Tensor]:
+        """Set scale_factor = 1/std(z) over all latent elements (LDM Sec. 4.3.2 / App. G: unit-variance
+        latents for the diffusion model) and per-channel latent_mean / latent_std, from the latents
+        stage 2 will see (posterior samples for KL). Sums are all-reduced under torch.distributed."""
+        ae = self.autoencoder
+        channels = ae.latent_channels
+        device = ae.scale_factor.device
+        sums = torch.zeros(3, channels, dtype=torch.float64, device=device)  # count, sum, sum of squares
+        for batch in batches:
+            z = ae.encode_latent(batch["image"].to(device), sample=True).double()
+            per_channel = z.transpose(0, 1).reshape(channels, -1)
+            sums[0] += per_channel.shape[1]
+            sums[1] += per_channel.sum(1)
+            sums[2] += per_channel.pow(2).sum(1)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        if sums[0, 0] == 0:
+            raise ValueError("latent_statistics: got no batches")
+        count, total, total_sq = sums
+        mean = total / count
+        std = (total_sq / count - mean ** 2).clamp(min=0).sqrt()
+        overall_mean = total.sum() / count.sum()
+        overall_std = (total_sq.sum() / count.sum() - overall_mean ** 2).clamp(min=0).sqrt()
+        ae.scale_factor.fill_(float(1.0 / overall_std))
+        ae.latent_mean.copy_(mean.float())
+        ae.latent_std.copy_(std.float())
+        return {"scale_factor": ae.scale_factor.clone(), "latent_mean": ae.latent_mean.clone(),
+                "latent_std": ae.latent_std.clone()}
