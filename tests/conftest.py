@@ -18,4 +18,4 @@ def shapes_shards(tmp_path_factory):
     from data.shapes import write_shapes
 
     out = tmp_path_factory.mktemp("shapes")
-    return write_shapes(out, n_train=192, n_val=32, image_size=32, shard_size=64, seed=0)
+    return write_shapes(str(out), n_train=192, n_val=32, size=32, max_count=48, seed=0)

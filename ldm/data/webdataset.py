@@ -426,8 +426,12 @@ class ResumableLoader:
         self.stream.start = position.copy()
         self.stream.final_epoch = None if self.epochs is None else position.epoch + self.epochs
         if self.num_workers > 0:
+            # Own generator: the DataLoader draws worker base seeds from it, not from the global RNG, so
+            # starting an iterator never shifts the training stream (bit-identical resume). Our streams
+            # are seeded explicitly per (seed, epoch, rank, worker) anyway.
             source = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                     collate_fn=_identity, pin_memory=self.pin_memory))
+                                     collate_fn=_identity, pin_memory=self.pin_memory,
+                                     generator=torch.Generator().manual_seed(0)))
         else:
             source = iter(self.stream)
         queues = [collections.deque() for _ in range(self.slots)]

@@ -23,6 +23,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
+@torch.random.fork_rng()  # evaluation must not shift the training RNG stream (bit-identical resume)
 def evaluate(task, cfg, accelerator, step: int, run_dir: Path, ema=None) -> dict[str, float]:
     """Held-out metrics + image grids, on the main process over `trainer.eval_batches` batches,
     with the EMA weights when the model keeps an EMA (they sample better than the raw ones)."""
@@ -130,7 +131,7 @@ def train(cfg) -> Path:
             values.update({f"lr/{k}": s.get_last_lr()[0] for k, s in schedulers.items()})
             values["train/img_per_s"] = seen * world / elapsed
             values.update({f"data/skipped_{k}": v for k, v in loader.skipped.items()})
-            bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{values['train/img_per_s']:.1f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{values['train/img_per_s']:.1f}")
             accelerator.log(values, step=step)
             csv_log.write(step, values)
             tick, seen = time.perf_counter(), 0
@@ -144,7 +145,7 @@ def train(cfg) -> Path:
             save_checkpoint(run_dir, step, **checkpoint_kwargs)
     bar.close()
     if trace:
-        checksum = sum(float(p.double().sum()) for p in task.parameters())
+        checksum = sum(float(p.detach().double().sum()) for p in task.parameters())
         trace.write(f"checksum {checksum!r}\n")
         trace.close()
 
@@ -162,7 +163,8 @@ def train(cfg) -> Path:
 
         batches = (to_device(b, accelerator.device) for b, _ in
                    zip(build_eval_loader(cfg, micro, shards=cfg.data.shards), range(cfg.trainer.latent_stat_batches)))
-        task.latent_statistics(batches)
+        with torch.random.fork_rng():  # keep the RNG state the final checkpoint stores
+            task.latent_statistics(batches)
         if accelerator.is_main_process:
             path = run_dir / "autoencoder.safetensors"
             save_autoencoder(task.autoencoder, path, OmegaConf.to_container(cfg.model.task.autoencoder, resolve=True))
