@@ -6,6 +6,7 @@ autoencoder for stage 2).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -31,11 +32,14 @@ def batch_geometry(global_batch: int, micro_batch: int | None, world_size: int) 
 
 
 def build_accelerator(cfg) -> tuple[Accelerator, int, int]:
-    world = PartialState().num_processes
+    # Several processes but no GPU: without cpu=True, Accelerate runs them as independent single-process
+    # jobs (`accelerate launch` even resets ACCELERATE_USE_CPU in the children), silently unsynchronised.
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    world = PartialState(cpu=cpu).num_processes
     micro, accum = batch_geometry(cfg.trainer.batch_size, cfg.trainer.micro_batch_size, world)
     log_with = None if cfg.logger.kind.value == "none" else "wandb"
-    accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision.value, gradient_accumulation_steps=accum,
-                              log_with=log_with, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.trainer.mixed_precision.value,
+                              gradient_accumulation_steps=accum, log_with=log_with, step_scheduler_with_optimizer=False)
     return accelerator, micro, accum
 
 
