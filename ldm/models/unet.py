@@ -101,7 +101,8 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(normalization(ch, norm_groups), nn.SiLU(),
-                                 zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
+                                 zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        # (CompVis writes model_channels here, which only works when channel_mult[0] == 1.)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None) -> torch.Tensor:
