@@ -64,8 +64,10 @@ def conditions(cfg) -> list[dict]:
 
 
 def generate(task, items: list[dict], *, latent_size, batch_size: int, seed: int, **opts) -> torch.Tensor:
-    """Images `(N,3,H,W)` in [-1,1]; image i depends only on (seed, i, its condition), not on batching."""
+    """Images `(N,3,H,W)` in [-1,1]. Image i starts from noise seeded by seed + i, so it depends on
+    (seed, i, its condition) and not on the batch size (up to float rounding of batched kernels)."""
     device = next(task.parameters()).device
+    shape = (task.first_stage.latent_channels, *latent_size)
     out = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
@@ -75,8 +77,10 @@ def generate(task, items: list[dict], *, latent_size, batch_size: int, seed: int
         if "label" in chunk[0]:
             batch["label"] = torch.tensor([c["label"] for c in chunk], device=device)
         batch.setdefault("caption", [""] * len(chunk))
-        generator = torch.Generator(device).manual_seed(seed + start)
-        out.append(task.sample(batch, generator=generator, latent_size=latent_size, **opts).cpu())
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + start + i))
+                             for i in range(len(chunk))])
+        generator = torch.Generator().manual_seed(seed + start)  # stochastic samplers' per-step noise
+        out.append(task.sample(batch, generator=generator, latent_size=latent_size, noise=noise, **opts).cpu())
     return torch.cat(out)
 
 

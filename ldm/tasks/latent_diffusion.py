@@ -92,8 +92,10 @@ class LatentDiffusionTask(nn.Module):
     @torch.no_grad()
     def sample(self, batch: dict, *, sampler: str | None = None, steps: int | None = None,
                guidance_scale: float | None = None, generator: torch.Generator | None = None,
-               latent_size: tuple[int, int] | None = None, **opts) -> torch.Tensor:
-        """Images `(B,3,H,W)` in [-1,1] for the conditions in `batch` (captions, labels, low-res images)."""
+               latent_size: tuple[int, int] | None = None, noise: torch.Tensor | None = None,
+               **opts) -> torch.Tensor:
+        """Images `(B,3,H,W)` in [-1,1] for the conditions in `batch` (captions, labels, low-res images),
+        starting from `noise` (x_T) when given, else from N(0, I) drawn with `generator`."""
         n = _batch_size(batch)
         device = next(self.unet.parameters()).device
         if latent_size is None:
@@ -107,7 +109,11 @@ class LatentDiffusionTask(nn.Module):
         model_fn = cfg_model_fn(lambda x, t, c: self.denoise(x, t, c), cond, uncond, scale) if cond else \
             (lambda x, t: self.denoise(x, t, {}))
         shape = (n, self.first_stage.latent_channels, *latent_size)
-        x_T = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=generator.device if generator else device)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"sample: noise has shape {tuple(noise.shape)}, expected {shape}")
+        x_T = noise.to(device)
         z = SAMPLERS[sampler or self.sampler](model_fn, x_T, self.schedule, steps=steps or self.sample_steps,
                                               parameterization=self.parameterization, generator=generator, **opts)
         return self.decode(z)
