@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m data.demo
+	$(PY) -m train.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -2,6 +2,7 @@
 (docs/architecture.md). Rerunning the same command in the same run directory resumes."""
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -176,6 +177,7 @@ def train(cfg) -> Path:
         accelerator.log(metrics, step=step)
         csv_log.write(step, metrics)
         print("[ldm] final " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        (run_dir / "final_metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
         print(f"[ldm] images in {run_dir / 'images'}, checkpoints in {run_dir / 'checkpoints'}")
     accelerator.end_training()
     return run_dir
