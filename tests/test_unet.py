@@ -141,6 +141,8 @@ def test_bad_inputs_fail_with_clear_messages():
         model(torch.randn(2, 3, 8, 8), t, context=torch.randn(2, 5, 16))
     with pytest.raises(ValueError, match="divisible by 2"):
         model(torch.randn(2, 4, 7, 8), t, context=torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match=r"timesteps must be \(B,\) = \(2,\)"):
+        model(x, torch.tensor([1, 2, 3]), context=torch.randn(2, 5, 16))
     with pytest.raises(ValueError, match="context_dim=16 but got context=None"):
         model(x, t)
     with pytest.raises(ValueError, match=r"num_classes=None but got y=\(2,\)"):

@@ -110,6 +110,9 @@ class UNetModel(nn.Module):
         self._check_inputs(x, context, y)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
+        if timesteps.shape != (x.shape[0],):
+            raise ValueError(f"UNetModel.forward: timesteps must be (B,) = ({x.shape[0]},) or a scalar, "
+                             f"got {tuple(timesteps.shape)}")
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
