@@ -71,6 +71,8 @@ class AutoencoderLoss(nn.Module):
     def forward(self, inputs: torch.Tensor, reconstructions: torch.Tensor, regularization, step: int,
                 last_layer: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = inputs.shape[0]
+        # NHWC like the decoder's output: the PatchGAN / LPIPS convs are several times faster on CPU.
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
         rec = self.pixel_weight * (inputs - reconstructions).abs()
         lpips = torch.zeros((), device=inputs.device)
         if self.lpips is not None:
