@@ -10,13 +10,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from ldm.config import register_configs
+from ldm.config import ConfigError, check_targets, register_configs
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    try:  # a wrong model key / type fails here, before any data or weights are touched
+        check_targets(cfg.model.task, "model.task")
+    except ConfigError as e:
+        raise SystemExit(f"[ldm] config error: {e}") from None
     from ldm.training.loop import train  # imported here so `--cfg job` / `--help` stay instant
 
     hc = HydraConfig.get()
