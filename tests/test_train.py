@@ -143,3 +143,37 @@ def test_lpips_and_adversarial_gradients_reach_decoder(shapes_shards):
     assert full.abs().sum() > 0
     assert (full - no_lpips).abs().max() > 1e-6, "LPIPS gives no gradient to the decoder"
     assert (full - no_gan).abs().max() > 1e-6, "the adversarial loss gives no gradient to the decoder"
+
+
+def test_bad_samples_inside_a_shard_are_skipped_counted_and_logged(tmp_path):
+    """A corrupt JPEG and a caption-less sample inside a shard: training goes on, the counts are logged."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("val", 4)):
+        with wds.TarWriter(str(shard_dir / f"{split}-000000.tar")) as sink:
+            for i in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                sample = {"__key__": f"{split}{i:04d}", "jpg": buf.getvalue(), "txt": "a random picture"}
+                if split == "train" and i == 3:
+                    sample["jpg"] = buf.getvalue()[:200]  # truncated JPEG: undecodable
+                if split == "train" and i == 7:
+                    del sample["txt"]  # no caption
+                sink.write(sample)
+    shards = {"train": str(shard_dir / "train-000000.tar"), "val": str(shard_dir / "val-000000.tar")}
+    run_dir = tmp_path / "run"
+    # 22 good samples = 5 batches of 4 per epoch: 6 steps read the whole shard once
+    train(tiny_cfg(shards, run_dir, "trainer.max_steps=6", "trainer.ckpt_every=3", "++model.task.loss.perceptual_weight=0"))
+    rows = [r.split(",") for r in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    last = {name: float(value) for _, name, value in rows}
+    # counted each time they are read (the second epoch has begun by step 6); nothing else was skipped
+    assert last["data/skipped_decode_error"] >= 1 and last["data/skipped_missing_caption"] >= 1
+    assert last["data/skipped_bad_mode"] == last["data/skipped_shard_error"] == 0
+    assert (run_dir / "checkpoints/step_00000006").is_dir()

@@ -27,7 +27,10 @@ def main(cfg: DictConfig) -> None:
     if hc.mode is not None and hc.mode.name == "MULTIRUN":
         with open_dict(cfg):  # each sweep job trains in its own (deterministic) sweep sub-directory
             cfg.run_dir = hc.runtime.output_dir
-    train(cfg)
+    try:
+        train(cfg)
+    except FileNotFoundError as e:  # missing shards / checkpoint / first stage: say what, no traceback
+        raise SystemExit(f"[ldm] {e}") from None
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def train(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
     accelerator, micro, accum = build_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
+    loader = build_train_loader(cfg, micro, rank, world)  # missing shards fail here, before any model is built
     set_seed(cfg.trainer.seed)  # identical initial weights on every rank
     task = build_task(cfg)
     fit_tokenizer(task, cfg, accelerator, run_dir)
@@ -64,7 +65,6 @@ def train(cfg) -> Path:
     schedulers = {k: build_scheduler(cfg.trainer, o) for k, o in optimizers.items()}
     ema_target = task.ema_target()
     ema = EMA(ema_target, **cfg.model.ema) if cfg.model.ema is not None and ema_target is not None else None
-    loader = build_train_loader(cfg, micro, rank, world)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
     meta = {"model": cfg.model.name, "fingerprint": config_fingerprint(model_cfg)}
 
