@@ -7,6 +7,8 @@ Nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import os
 import warnings
@@ -45,10 +47,18 @@ class FrozenLPIPS(nn.Module):
 
 def build_lpips(net: str = "vgg") -> nn.Module:
     """A frozen LPIPS module: `lpips(x, y) -> (B, 1, 1, 1)` for images in [-1, 1], differentiable in x, y."""
-    import lpips
-
     if net not in BACKBONE_WEIGHT_FILES:
         raise ValueError(f"build_lpips: net must be one of {sorted(BACKBONE_WEIGHT_FILES)}, got {net!r}")
+    return copy.deepcopy(_build_lpips(net, os.path.isfile(cached_backbone_path(net))))
+
+
+@functools.lru_cache(maxsize=None)
+def _build_lpips(net: str, pretrained_backbone: bool) -> nn.Module:
+    """Built once per process (torchvision builds VGG's 120M-parameter classifier only to drop it: ~10 s
+    on a small CPU). The random backbone is drawn from a fixed seed, so "random LPIPS" is the same
+    function in every process and run, and building it never moves the caller's RNG."""
+    import lpips
+
     backbone = cached_backbone_path(net)
     pretrained_backbone = os.path.isfile(backbone)
     if not pretrained_backbone:
@@ -56,5 +66,7 @@ def build_lpips(net: str = "vgg") -> nn.Module:
                        f"(perceptual loss/metric values are not comparable to published LPIPS)")
     with warnings.catch_warnings():  # torchvision's `pretrained=` deprecation notice inside lpips
         warnings.simplefilter("ignore")
-        model = lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False)
     return FrozenLPIPS(model)

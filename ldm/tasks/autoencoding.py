@@ -15,6 +15,9 @@ from ldm.metrics import lpips_distance, psnr, ssim
 
 
 class AutoencoderTask(nn.Module):
+    # LPIPS is a fixed function (pretrained, or a seeded random backbone): rebuilt, not checkpointed.
+    frozen_prefixes = ("loss.lpips.",)
+
     def __init__(self, autoencoder: nn.Module, loss: AutoencoderLoss):
         super().__init__()
         self.autoencoder, self.loss = autoencoder, loss
