@@ -112,3 +112,26 @@ def test_load_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="shape mismatch.*quant_conv"):
         load_autoencoder(wrong)
     assert not os.path.exists(f"{wrong}.tmp")
+
+
+PRESETS = ["autoencoder_kl_f4", "autoencoder_kl_f8", "autoencoder_kl_f16", "autoencoder_vq_f4",
+           "autoencoder_vq_f8", "autoencoder_vq_f16", "autoencoder_kl_demo", "autoencoder_vq_demo"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_build_the_named_autoencoder(name):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from ldm.config import check_targets
+
+    cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", f"{name}.yaml"))
+    assert cfg.name == name and set(cfg.optim) == {"autoencoder", "discriminator"}
+    check_targets(cfg.task, "model.task")  # every key is an argument of the class it configures
+    with torch.device("meta"):
+        ae = instantiate(cfg.task.autoencoder)
+    factor = 4 if name.endswith("demo") else int(name.rsplit("_f", 1)[1])
+    assert ae.downsample_factor == factor
+    assert isinstance(ae, VQModel) == ("_vq_" in name)
+    if name == "autoencoder_kl_f8":
+        assert sum(p.numel() for p in ae.parameters()) == 83_653_863
