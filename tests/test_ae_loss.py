@@ -10,10 +10,11 @@ from ldm.tasks.autoencoding import AutoencoderTask
 TINY = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32)
 
 
-def _setup(disc_start=0, **loss_kwargs):
+def _setup(disc_start=0, lpips_net="alex", **loss_kwargs):  # alex: the cheapest LPIPS backbone
     torch.manual_seed(0)
     ae = AutoencoderKL(embed_dim=3, z_channels=3, **TINY)
-    loss = AutoencoderLoss(disc_start=disc_start, disc_ndf=8, disc_num_layers=2, **loss_kwargs).train()
+    loss = AutoencoderLoss(disc_start=disc_start, disc_ndf=8, disc_num_layers=2, lpips_net=lpips_net,
+                           **loss_kwargs).train()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     return ae, loss, x
 
@@ -23,7 +24,7 @@ def _grad(value, param):
 
 
 def test_lpips_gradient_reaches_the_decoder():
-    ae, loss, x = _setup(disc_start=10**9, pixel_weight=0.0, perceptual_weight=1.0)
+    ae, loss, x = _setup(disc_start=10**9, lpips_net="vgg", pixel_weight=0.0, perceptual_weight=1.0)
     rec, posterior = ae(x, sample=False)
     total, logs = loss(x, rec, posterior, step=0, last_layer=ae.last_layer())
     assert logs["lpips"] > 0
@@ -104,7 +105,7 @@ def test_logvar_is_optimised():
 def test_vq_task_logs_and_evaluate():
     torch.manual_seed(0)
     ae = VQModel(n_embed=32, embed_dim=3, z_channels=3, **TINY)
-    loss = AutoencoderLoss(disc_start=0, disc_ndf=8, disc_num_layers=2)
+    loss = AutoencoderLoss(disc_start=0, disc_ndf=8, disc_num_layers=2, lpips_net="alex")
     task = AutoencoderTask(ae, loss).train()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     total, logs = task({"image": x}, step=0)
