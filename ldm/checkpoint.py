@@ -112,17 +112,22 @@ def load_checkpoint(path: str | Path, *, task, optimizers: dict, schedulers: dic
     checkpoint belongs to another model preset (checked before any tensor is touched)."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
-    if state.get("fingerprint") != meta.get("fingerprint"):
-        raise ValueError(f"checkpoint {path} was written by model '{state.get('model')}' with another config "
-                         f"(fingerprint {state.get('fingerprint')} != {meta.get('fingerprint')} of "
-                         f"'{meta.get('model')}'); use a new run_dir or trainer.resume=never")
+    if state.get("model") != meta.get("model"):
+        raise ValueError(f"checkpoint {path} belongs to another model preset ('{state.get('model')}', this run is "
+                         f"'{meta.get('model')}'); use another run_dir or trainer.resume=never")
     weights = load_file(path / "model.safetensors")
     skip = tuple(getattr(task, "frozen_prefixes", ()))
-    expected = {k for k in task.state_dict() if not (skip and k.startswith(skip))}
-    if set(weights) != expected:
-        raise ValueError(f"checkpoint {path}: parameter names differ from the model "
-                         f"(missing {sorted(expected - set(weights))[:5]}, unexpected "
-                         f"{sorted(set(weights) - expected)[:5]})")
+    expected = {k: v.shape for k, v in task.state_dict().items() if not (skip and k.startswith(skip))}
+    mismatched = sorted(k for k in set(expected) & set(weights)  # (_extra_state: tokenizer bytes, any length)
+                        if weights[k].shape != expected[k] and not k.endswith("_extra_state"))
+    if set(weights) != set(expected) or mismatched:
+        raise ValueError(f"checkpoint {path} was written by another model configuration of '{state.get('model')}' "
+                         f"(missing {sorted(set(expected) - set(weights))[:5]}, unexpected "
+                         f"{sorted(set(weights) - set(expected))[:5]}, other shapes {mismatched[:5]}); nothing "
+                         f"was loaded: use another run_dir or trainer.resume=never")
+    if state.get("fingerprint") != meta.get("fingerprint") and rank == 0:
+        print(f"[ldm] note: the model config changed since {path.name} (e.g. a loss weight or learning rate); "
+              f"the architecture matches, resuming with the new settings")
     task.load_state_dict(weights, strict=False)
     if ema is not None:
         ema.load_state_dict(load_file(path / "ema.safetensors"))
@@ -135,7 +140,11 @@ def load_checkpoint(path: str | Path, *, task, optimizers: dict, schedulers: dic
     if state["world_size"] == world_size and rank_file.is_file():
         per_rank = torch.load(rank_file, map_location="cpu", weights_only=False)
         set_rng_state(per_rank["rng"])
-        loader.load_state_dict(per_rank["data"])
+        try:
+            loader.load_state_dict(per_rank["data"])
+        except ValueError as e:  # e.g. data.num_workers changed: exact position impossible
+            print(f"[ldm] rank {rank}: cannot restore the exact data position ({e}); restarting its epoch")
+            loader.load_state_dict(per_rank["data"], strict=False)
     elif rank == 0:
         print(f"[ldm] resuming {path} written by {state['world_size']} processes on {world_size}: "
               f"weights and optimizer restored; data position and RNG start fresh")

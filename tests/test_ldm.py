@@ -107,7 +107,7 @@ def test_checkpoint_of_another_preset_is_refused(shapes_shards, first_stage, tmp
     run_dir = tmp_path / "run"
     run(ldm_cfg("ldm_txt2img_tiny", shapes_shards, first_stage, run_dir, "trainer.max_steps=2"))
     before = {p: p.stat().st_mtime for p in (run_dir / "checkpoints").rglob("*")}
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match="another model configuration"):
         run(ldm_cfg("ldm_txt2img_tiny", shapes_shards, first_stage, run_dir, "trainer.max_steps=3",
                     "model.task.unet.model_channels=16"))
     assert {p: p.stat().st_mtime for p in (run_dir / "checkpoints").rglob("*")} == before

@@ -53,6 +53,15 @@ def test_trains_writes_everything_and_wandb_offline(shapes_shards, tmp_path, cap
     assert 0.01 < float(ae.scale_factor) < 100 and float(ae.scale_factor) != 1.0
     assert ae.latent_std.shape == (4,) and (ae.latent_std > 0).all()
 
+    # the evaluation command: metrics over the whole held-out split (32 images), from the checkpoint
+    from train.evaluate import evaluate_run
+
+    metrics = evaluate_run(run_dir)
+    assert metrics["images"] == 32 and metrics["checkpoint"].endswith("step_00000004")
+    assert 0 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1 and metrics["lpips"] >= 0
+    assert json.loads((run_dir / "eval.json").read_text())["psnr"] == metrics["psnr"]
+    assert "val/psnr" in json.loads((run_dir / "final_metrics.json").read_text())
+
 
 def test_resume_continues_with_identical_state(shapes_shards, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -78,8 +87,8 @@ def test_resume_refuses_other_preset(shapes_shards, tmp_path):
     run_dir = tmp_path / "run"
     train(tiny_cfg(shapes_shards, run_dir, "trainer.max_steps=2"))
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    with pytest.raises(ValueError, match="another config"):
-        train(tiny_cfg(shapes_shards, run_dir, "trainer.max_steps=4", "model.task.autoencoder.ch=16"))
+    with pytest.raises(ValueError, match="another model configuration"):
+        train(tiny_cfg(shapes_shards, run_dir, "trainer.max_steps=4", "model.task.autoencoder.ch=64"))
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
