@@ -37,3 +37,18 @@ def test_accelerate_launch_two_cpu_processes(shapes_shards, tmp_path):
     assert checksums[0] == checksums[1], f"weights differ across ranks: {checksums}"
     assert (run_dir / "checkpoints/step_00000003/rank_1.pt").is_file()
     assert (run_dir / "autoencoder.safetensors").is_file()
+
+
+def test_hydra_multirun_sweep_gets_one_run_dir_per_job(shapes_shards, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "train/main.py", "--multirun", "model=autoencoder_kl_tiny", "data=shapes",
+           f"data.shards='{shapes_shards['train']}'", f"data.val_shards='{shapes_shards['val']}'",
+           "data.image_size=32", "data.num_workers=1", "trainer=debug", "logger=none",
+           f"paths.runs={tmp_path}", "trainer.max_steps=1,2", "++model.task.loss.perceptual_weight=0"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sweep = tmp_path / "multirun-autoencoder_kl_tiny-shapes"
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "checkpoints").is_dir())
+    assert [r.name for r in runs] == sorted(r.name for r in runs) and len(runs) == 2, runs
+    steps = sorted(int((r / "final_metrics.json").read_text().split('"step": ')[1].split(",")[0]) for r in runs)
+    assert steps == [1, 2]
