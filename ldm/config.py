@@ -65,6 +65,7 @@ class TrainerConfig:
     seed: int = 0
     latent_stat_batches: int = 8  # stage 1: batches used to measure latent mean/std at the end
     channels_last: bool = False  # memory format for conv-heavy models
+    threads: Optional[int] = None  # torch CPU threads per process (None: torch's default); 1 wins on busy CPUs
     progress: bool = True  # tqdm progress bar on the main process
     trace: bool = False  # write run_dir/trace_rank<r>.txt: sample keys read + final weight checksum
 

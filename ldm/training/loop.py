@@ -53,6 +53,8 @@ def evaluate(task, cfg, accelerator, step: int, run_dir: Path, ema=None) -> dict
 
 def train(cfg) -> Path:
     run_dir = Path(cfg.run_dir)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
     accelerator, micro, accum = build_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     loader = build_train_loader(cfg, micro, rank, world)  # missing shards fail here, before any model is built
