@@ -106,6 +106,19 @@ def save_checkpoint(run_dir: str | Path, step: int, *, task, optimizers: dict, s
     return final
 
 
+def check_task_weights(task, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise (before anything is loaded) unless `weights` has exactly the task's trainable names and shapes."""
+    skip = tuple(getattr(task, "frozen_prefixes", ()))
+    expected = {k: v.shape for k, v in task.state_dict().items() if not (skip and k.startswith(skip))}
+    mismatched = sorted(k for k in set(expected) & set(weights)  # (_extra_state: tokenizer bytes, any length)
+                        if weights[k].shape != expected[k] and not k.endswith("_extra_state"))
+    if set(weights) != set(expected) or mismatched:
+        raise ValueError(f"checkpoint {path} was written by another model configuration "
+                         f"(missing {sorted(set(expected) - set(weights))[:5]}, unexpected "
+                         f"{sorted(set(weights) - set(expected))[:5]}, other shapes {mismatched[:5]}); nothing "
+                         f"was loaded: use another run_dir or trainer.resume=never")
+
+
 def load_checkpoint(path: str | Path, *, task, optimizers: dict, schedulers: dict, ema, loader,
                     meta: dict, rank: int, world_size: int) -> int:
     """Restore everything saved by `save_checkpoint`; returns the step. Nothing is loaded when the
@@ -116,15 +129,7 @@ def load_checkpoint(path: str | Path, *, task, optimizers: dict, schedulers: dic
         raise ValueError(f"checkpoint {path} belongs to another model preset ('{state.get('model')}', this run is "
                          f"'{meta.get('model')}'); use another run_dir or trainer.resume=never")
     weights = load_file(path / "model.safetensors")
-    skip = tuple(getattr(task, "frozen_prefixes", ()))
-    expected = {k: v.shape for k, v in task.state_dict().items() if not (skip and k.startswith(skip))}
-    mismatched = sorted(k for k in set(expected) & set(weights)  # (_extra_state: tokenizer bytes, any length)
-                        if weights[k].shape != expected[k] and not k.endswith("_extra_state"))
-    if set(weights) != set(expected) or mismatched:
-        raise ValueError(f"checkpoint {path} was written by another model configuration of '{state.get('model')}' "
-                         f"(missing {sorted(set(expected) - set(weights))[:5]}, unexpected "
-                         f"{sorted(set(weights) - set(expected))[:5]}, other shapes {mismatched[:5]}); nothing "
-                         f"was loaded: use another run_dir or trainer.resume=never")
+    check_task_weights(task, weights, path)
     if state.get("fingerprint") != meta.get("fingerprint") and rank == 0:
         print(f"[ldm] note: the model config changed since {path.name} (e.g. a loss weight or learning rate); "
               f"the architecture matches, resuming with the new settings")

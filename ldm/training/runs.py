@@ -6,7 +6,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from ldm.checkpoint import resolve_resume
+from ldm.checkpoint import check_task_weights, resolve_resume
 from ldm.config import TrainConfig
 from ldm.training.build import build_task
 
@@ -26,11 +26,7 @@ def load_run(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True):
         raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}: train first (train/main.py)")
     task = build_task(cfg)
     weights = load_file(ckpt / "model.safetensors")
-    skip = tuple(getattr(task, "frozen_prefixes", ()))
-    expected = {k for k in task.state_dict() if not (skip and k.startswith(skip))}
-    if set(weights) != expected:
-        raise ValueError(f"{ckpt}: weights do not match the run's model (missing {sorted(expected - set(weights))[:5]}, "
-                         f"unexpected {sorted(set(weights) - expected)[:5]})")
+    check_task_weights(task, weights, ckpt)
     task.load_state_dict(weights, strict=False)
     ema_file = ckpt / "ema.safetensors"
     if use_ema and ema_file.is_file():
