@@ -130,3 +130,26 @@ def test_latent_statistics_sets_scale_factor():
     torch.testing.assert_close(ae.latent_std.double(), z.transpose(0, 1).flatten(1).std(1, unbiased=False),
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats["latent_mean"].double(), z.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pixel_loss", ["l1", "l2"])
+def test_pixel_loss_matches_its_closed_form(pixel_loss):
+    ae, loss, x = _setup(disc_start=10**9, perceptual_weight=0.0, pixel_loss=pixel_loss)
+    rec, posterior = ae(x, sample=False)
+    _, logs = loss(x, rec, posterior, step=0, last_layer=ae.last_layer())
+    error = (x - rec).double()
+    per_pixel = error.abs() if pixel_loss == "l1" else error.square()
+    expected = per_pixel.sum() / x.shape[0]  # logvar starts at 0: nll = sum over pixels, mean over batch
+    torch.testing.assert_close(logs["nll"].double(), expected, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="pixel_loss"):
+        AutoencoderLoss(disc_start=0, perceptual_weight=0.0, pixel_loss="huber")
+
+
+def test_sample_posterior_false_decodes_the_mean():
+    ae, loss, x = _setup(disc_start=10**9, perceptual_weight=0.0)
+    deterministic = AutoencoderTask(ae, loss, sample_posterior=False).train()
+    first, _ = deterministic({"image": x}, step=0)
+    second, _ = deterministic({"image": x}, step=0)
+    assert torch.equal(first, second)  # no posterior noise
+    sampled = AutoencoderTask(ae, loss).train()
+    assert not torch.equal(sampled({"image": x}, step=0)[0], first)

@@ -115,7 +115,8 @@ def test_load_errors_are_clear(tmp_path):
 
 
 PRESETS = ["autoencoder_kl_f4", "autoencoder_kl_f8", "autoencoder_kl_f16", "autoencoder_vq_f4",
-           "autoencoder_vq_f8", "autoencoder_vq_f16", "autoencoder_kl_demo", "autoencoder_vq_demo"]
+           "autoencoder_vq_f8", "autoencoder_vq_f16", "autoencoder_kl_demo", "autoencoder_vq_demo",
+           "autoencoder_kl_shapes"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -130,8 +131,18 @@ def test_presets_build_the_named_autoencoder(name):
     check_targets(cfg.task, "model.task")  # every key is an argument of the class it configures
     with torch.device("meta"):
         ae = instantiate(cfg.task.autoencoder)
-    factor = 4 if name.endswith("demo") else int(name.rsplit("_f", 1)[1])
+    factor = 4 if name.endswith(("demo", "shapes")) else int(name.rsplit("_f", 1)[1])
     assert ae.downsample_factor == factor
     assert isinstance(ae, VQModel) == ("_vq_" in name)
     if name == "autoencoder_kl_f8":
         assert sum(p.numel() for p in ae.parameters()) == 83_653_863
+
+
+def test_norm_groups_sets_every_group_norm():
+    model = AutoencoderKL(embed_dim=4, ch=16, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, norm_groups=8)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 8 for m in norms)
+    default = AutoencoderKL(embed_dim=4, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4)
+    assert all(m.num_groups == 32 for m in default.modules() if isinstance(m, torch.nn.GroupNorm))
+    with pytest.raises(ValueError):  # 16 channels cannot make 32 groups: the paper default needs ch >= 32
+        AutoencoderKL(embed_dim=4, ch=16, ch_mult=[1, 2], num_res_blocks=1, z_channels=4)

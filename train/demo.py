@@ -93,7 +93,7 @@ def main() -> None:
              "--size", "32"])
     times["data"] = time.perf_counter() - start
     times["autoencoder"] = run([py, "train/main.py", "experiment=demo_autoencoder", *paths, *args.overrides])
-    ae = Path(args.runs) / "autoencoder_kl_demo-shapes"
+    ae = Path(args.runs) / "autoencoder_kl_shapes-shapes"
     times["diffusion"] = run([py, "train/main.py", "experiment=demo_ldm", *paths,
                               f"model.first_stage.ckpt={ae / 'autoencoder.safetensors'}", *args.overrides])
     ldm_run = Path(args.runs) / "ldm_txt2img_demo-shapes"

@@ -45,13 +45,18 @@ class AutoencoderLoss(nn.Module):
     Weights: kl_weight multiplies the per-image KL sum (paper 1e-6); codebook_weight multiplies the VQ
     loss, which is a mean over latent elements, scaled by the pixel count so that it keeps taming's
     mean(nll) : mean(codebook) balance under our per-image-sum nll. disc_start: first step of the GAN.
+    pixel_loss: "l1" (paper) or "l2" (squared error, as in the SD VAE's ft-MSE fine-tune; on the demo's
+    flat-background shapes L1 stalled for ~1000 steps where L2 learned from the start).
     """
 
     def __init__(self, disc_start: int, kl_weight: float = 1e-6, codebook_weight: float = 1.0,
                  pixel_weight: float = 1.0, perceptual_weight: float = 1.0, disc_weight: float = 0.5,
                  disc_factor: float = 1.0, disc_num_layers: int = 3, disc_ndf: int = 64,
-                 logvar_init: float = 0.0, lpips_net: str = "vgg"):
+                 logvar_init: float = 0.0, lpips_net: str = "vgg", pixel_loss: str = "l1"):
         super().__init__()
+        if pixel_loss not in ("l1", "l2"):
+            raise ValueError(f"pixel_loss must be 'l1' (paper) or 'l2' (squared error), got {pixel_loss!r}")
+        self.pixel_loss = pixel_loss
         self.disc_start, self.kl_weight, self.codebook_weight = disc_start, kl_weight, codebook_weight
         self.pixel_weight, self.perceptual_weight = pixel_weight, perceptual_weight
         self.disc_weight, self.disc_factor = disc_weight, disc_factor
@@ -73,7 +78,8 @@ class AutoencoderLoss(nn.Module):
         batch = inputs.shape[0]
         # NHWC like the decoder's output: the PatchGAN / LPIPS convs are several times faster on CPU.
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-        rec = self.pixel_weight * (inputs - reconstructions).abs()
+        error = inputs - reconstructions
+        rec = self.pixel_weight * (error.abs() if self.pixel_loss == "l1" else error.square())
         lpips = torch.zeros((), device=inputs.device)
         if self.lpips is not None:
             lpips = self.lpips(inputs.float(), reconstructions.float())  # (B,1,1,1), differentiable in x_rec

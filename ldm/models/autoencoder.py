@@ -48,11 +48,12 @@ class _LatentAutoencoder(nn.Module):
 
     def __init__(self, embed_dim: int, moments: int, ch: int, ch_mult: Sequence[int],
                  num_res_blocks: int, z_channels: int, attn_resolutions: Sequence[int], dropout: float,
-                 in_channels: int, out_ch: int, resolution: int, double_z: bool):
+                 in_channels: int, out_ch: int, resolution: int, double_z: bool, norm_groups: int = 32):
         super().__init__()
         blocks = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
                       attn_resolutions=tuple(attn_resolutions), dropout=dropout, in_channels=in_channels,
-                      resolution=resolution, z_channels=z_channels, double_z=double_z)
+                      resolution=resolution, z_channels=z_channels, double_z=double_z,
+                      norm_groups=norm_groups)
         self.encoder = Encoder(**blocks)
         self.decoder = Decoder(out_ch=out_ch, **blocks)
         # `moments`: 2 for a Gaussian (mean, log-variance per channel), 1 for VQ.
@@ -76,9 +77,9 @@ class AutoencoderKL(_LatentAutoencoder):
 
     def __init__(self, embed_dim: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int,
                  attn_resolutions: Sequence[int] = (), dropout: float = 0.0, in_channels: int = 3,
-                 out_ch: int = 3, resolution: int = 256):
+                 out_ch: int = 3, resolution: int = 256, norm_groups: int = 32):
         super().__init__(embed_dim, 2, ch, ch_mult, num_res_blocks, z_channels, attn_resolutions,
-                         dropout, in_channels, out_ch, resolution, double_z=True)
+                         dropout, in_channels, out_ch, resolution, double_z=True, norm_groups=norm_groups)
 
     def posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
@@ -102,9 +103,9 @@ class VQModel(_LatentAutoencoder):
     def __init__(self, n_embed: int, embed_dim: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
                  z_channels: int, beta: float = 0.25, restart_after: int = 200,
                  attn_resolutions: Sequence[int] = (), dropout: float = 0.0, in_channels: int = 3,
-                 out_ch: int = 3, resolution: int = 256):
+                 out_ch: int = 3, resolution: int = 256, norm_groups: int = 32):
         super().__init__(embed_dim, 1, ch, ch_mult, num_res_blocks, z_channels, attn_resolutions,
-                         dropout, in_channels, out_ch, resolution, double_z=False)
+                         dropout, in_channels, out_ch, resolution, double_z=False, norm_groups=norm_groups)
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=beta, restart_after=restart_after)
 
     def encode_latent(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:

@@ -21,21 +21,23 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    # 32 groups, eps 1e-6, affine: the taming / CompVis choice.
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
+    # 32 groups, eps 1e-6, affine: the taming / CompVis choice. Fewer groups let narrow demo models
+    # (ch 16) keep several channels per group.
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """Pre-activation residual block: (GroupNorm, SiLU, conv3x3) twice + 1x1 shortcut if widths differ."""
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0,
+                 norm_groups: int = 32):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
         if in_channels != out_channels:
@@ -56,9 +58,9 @@ class AttnBlock(nn.Module):
     (HW)^2 score matrix: at 512 px the KL-f8 mid block attends over 64*64 = 4096 tokens.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm_groups: int = 32):
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, norm_groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -96,11 +98,11 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _middle(channels: int, dropout: float) -> nn.Module:
+def _middle(channels: int, dropout: float, norm_groups: int) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels, dropout)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    mid.block_1 = ResnetBlock(channels, channels, dropout, norm_groups)
+    mid.attn_1 = AttnBlock(channels, norm_groups)
+    mid.block_2 = ResnetBlock(channels, channels, dropout, norm_groups)
     return mid
 
 
@@ -117,7 +119,8 @@ class Encoder(nn.Module):
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
                  attn_resolutions: Sequence[int] = (), dropout: float = 0.0, in_channels: int = 3,
-                 resolution: int = 256, z_channels: int, double_z: bool = True, out_ch: int | None = None):
+                 resolution: int = 256, z_channels: int, double_z: bool = True, out_ch: int | None = None,
+                 norm_groups: int = 32):
         super().__init__()  # out_ch is accepted (and ignored) so one argument dict builds both halves
         self.num_resolutions = len(ch_mult)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, 1, 1)
@@ -129,16 +132,16 @@ class Encoder(nn.Module):
             stage = nn.Module()
             stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
-                stage.block.append(ResnetBlock(block_in, block_out, dropout))
+                stage.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if current_resolution in attn_resolutions:
-                    stage.attn.append(AttnBlock(block_in))
+                    stage.attn.append(AttnBlock(block_in, norm_groups))
             if level != self.num_resolutions - 1:
                 stage.downsample = Downsample(block_in)
                 current_resolution //= 2
             self.down.append(stage)
-        self.mid = _middle(block_in, dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid = _middle(block_in, dropout, norm_groups)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,29 +162,29 @@ class Decoder(nn.Module):
 
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int], num_res_blocks: int,
                  attn_resolutions: Sequence[int] = (), dropout: float = 0.0, in_channels: int = 3,
-                 resolution: int = 256, z_channels: int, double_z: bool = True):
+                 resolution: int = 256, z_channels: int, double_z: bool = True, norm_groups: int = 32):
         super().__init__()  # in_channels / double_z are accepted (and ignored) to share the Encoder's arguments
         self.num_resolutions = len(ch_mult)
         block_in = ch * ch_mult[-1]
         current_resolution = resolution // 2 ** (self.num_resolutions - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
-        self.mid = _middle(block_in, dropout)
+        self.mid = _middle(block_in, dropout, norm_groups)
         up_stages = []
         for level in reversed(range(self.num_resolutions)):
             block_out = ch * ch_mult[level]
             stage = nn.Module()
             stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                stage.block.append(ResnetBlock(block_in, block_out, dropout))
+                stage.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if current_resolution in attn_resolutions:
-                    stage.attn.append(AttnBlock(block_in))
+                    stage.attn.append(AttnBlock(block_in, norm_groups))
             if level != 0:
                 stage.upsample = Upsample(block_in)
                 current_resolution *= 2
             up_stages.insert(0, stage)  # index by level, as CompVis does, so state-dict names match
         self.up = nn.ModuleList(up_stages)
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

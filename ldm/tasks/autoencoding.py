@@ -18,14 +18,17 @@ class AutoencoderTask(nn.Module):
     # LPIPS is a fixed function (pretrained, or a seeded random backbone): rebuilt, not checkpointed.
     frozen_prefixes = ("loss.lpips.",)
 
-    def __init__(self, autoencoder: nn.Module, loss: AutoencoderLoss):
+    def __init__(self, autoencoder: nn.Module, loss: AutoencoderLoss, sample_posterior: bool = True):
         super().__init__()
-        self.autoencoder, self.loss = autoencoder, loss
+        # sample_posterior (CompVis's `sample_posterior`): decode z ~ q(z|x) in training (the paper) or its
+        # mean. The posterior starts at unit variance, whose noise drowns the latent code for the first
+        # thousand steps; the short demo runs decode the mean (KL term unchanged).
+        self.autoencoder, self.loss, self.sample_posterior = autoencoder, loss, sample_posterior
 
     def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["image"]
         # ONE encode/decode feeds both the generator and the discriminator terms (see AutoencoderLoss).
-        reconstructions, regularization = self.autoencoder(images)
+        reconstructions, regularization = self.autoencoder(images, sample=self.sample_posterior)
         return self.loss(images, reconstructions, regularization, step, self.autoencoder.last_layer())
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
