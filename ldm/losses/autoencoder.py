@@ -46,7 +46,7 @@ class AutoencoderLoss(nn.Module):
     loss, which is a mean over latent elements, scaled by the pixel count so that it keeps taming's
     mean(nll) : mean(codebook) balance under our per-image-sum nll. disc_start: first step of the GAN.
     pixel_loss: "l1" (paper) or "l2" (squared error, as in the SD VAE's ft-MSE fine-tune; on the demo's
-    flat-background shapes L1 stalled for ~1000 steps where L2 learned from the start).
+    flat-background shapes L1 stayed near 18 dB for 1500 steps where L2 reached 26 dB; docs/demo.md).
     """
 
     def __init__(self, disc_start: int, kl_weight: float = 1e-6, codebook_weight: float = 1.0,
