@@ -130,6 +130,11 @@ def test_latent_statistics_sets_scale_factor():
     torch.testing.assert_close(ae.latent_std.double(), z.transpose(0, 1).flatten(1).std(1, unbiased=False),
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats["latent_mean"].double(), z.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    # An autoencoder trained on the posterior mean is measured on the mean: stage 2 will encode that.
+    AutoencoderTask(ae, loss, sample_posterior=False).latent_statistics(batches)
+    mean = torch.cat([ae.encode_latent(b["image"], sample=False) for b in batches]).double()
+    assert ae.scale_factor.item() == pytest.approx(1 / mean.std(unbiased=False).item(), rel=1e-5)
+    assert mean.std() < z.std()  # so the two measurements differ by the posterior noise
 
 
 @pytest.mark.parametrize("pixel_loss", ["l1", "l2"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldm.modules.attention import (ATTENTION_BACKENDS, BasicTransformerBlock, CrossAttention, SpatialTransformer,
-                                   math_attention, sdpa_attention, xformers_attention)
+                                   math_attention, position_embedding_2d, sdpa_attention, xformers_attention)
 
 CUDA = torch.cuda.is_available()
 
@@ -113,6 +113,40 @@ def test_spatial_transformer_starts_as_identity():
     st = SpatialTransformer(32, 4, 8, context_dim=12)
     x = torch.randn(2, 32, 4, 4)
     torch.testing.assert_close(st(x, torch.randn(2, 5, 12)), x)
+
+
+def test_position_embedding_closed_form():
+    h, w, dim = 3, 4, 8
+    emb = position_embedding_2d(h, w, dim).view(h, w, dim)
+    i, j = 2, 1  # row 2, column 1: relative coordinates y = 2.5/3, x = 1.5/4
+    x, y = 1.5 / 4, 2.5 / 3
+    f = [math.pi, 2 * math.pi]
+    expected = [math.sin(x * f[0]), math.sin(x * f[1]), math.cos(x * f[0]), math.cos(x * f[1]),
+                math.sin(y * f[0]), math.sin(y * f[1]), math.cos(y * f[0]), math.cos(y * f[1])]
+    torch.testing.assert_close(emb[i, j], torch.tensor(expected))
+    assert torch.cdist(emb.view(h * w, dim), emb.view(h * w, dim)).add(torch.eye(h * w)).min() > 0.1  # distinct
+    # Relative coordinates: a 1x1 map's only token and a 3x3 map's centre token both sit at (0.5, 0.5).
+    torch.testing.assert_close(position_embedding_2d(1, 1, 16)[0], position_embedding_2d(3, 3, 16)[4])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        position_embedding_2d(2, 2, 6)
+
+
+def test_pos_embed_lets_tokens_tell_where_they_are():
+    """On a spatially uniform input, a SpatialTransformer without position embedding gives every token
+    the same output (it is permutation-equivariant); with `pos_embed` the outputs differ by position.
+    It adds no parameters, so checkpoints of the paper's UNets are unaffected."""
+    torch.manual_seed(0)
+    plain = SpatialTransformer(32, 2, 16, context_dim=8, norm_groups=8)
+    placed = SpatialTransformer(32, 2, 16, context_dim=8, norm_groups=8, pos_embed=True)
+    placed.load_state_dict(plain.state_dict())
+    for block in (plain, placed):
+        torch.nn.init.normal_(block.proj_out.weight)  # leave the identity start
+    x = torch.randn(2, 32, 1, 1).expand(2, 32, 4, 4) + 0.1 * torch.randn(2, 32, 1, 1)
+    context = torch.randn(2, 5, 8)
+    out_plain, out_placed = plain(x, context), placed(x, context)
+    assert (out_plain - out_plain[..., :1, :1]).abs().max() < 1e-5
+    assert (out_placed - out_placed[..., :1, :1]).abs().amax(dim=(0, 1)).flatten()[1:].min() > 1e-2
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in placed.parameters())
 
 
 def test_transformer_block_checkpointing_same_gradients():

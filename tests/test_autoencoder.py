@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -146,3 +147,40 @@ def test_norm_groups_sets_every_group_norm():
     assert all(m.num_groups == 32 for m in default.modules() if isinstance(m, torch.nn.GroupNorm))
     with pytest.raises(ValueError):  # 16 channels cannot make 32 groups: the paper default needs ch >= 32
         AutoencoderKL(embed_dim=4, ch=16, ch_mult=[1, 2], num_res_blocks=1, z_channels=4)
+
+
+@pytest.mark.parametrize("sample_posterior", [False, True])
+def test_stage_two_encodes_the_way_the_decoder_was_trained(tmp_path, sample_posterior):
+    """The stage-1 file records whether the decoder saw posterior samples or the mean; stage 2 follows it
+    unless told otherwise (a mean-trained decoder turns unit-variance posterior noise into speckle)."""
+    from functools import partial
+
+    from ldm.models.unet import UNetModel
+    from ldm.modules.encoders import ClassEmbedder
+    from ldm.tasks.latent_diffusion import LatentDiffusionTask
+
+    torch.manual_seed(0)
+    path = tmp_path / "ae.safetensors"
+    save_autoencoder(AutoencoderKL(**{k: v for k, v in KL_CONFIG.items() if k != "_target_"}), path, KL_CONFIG,
+                     sample_posterior=sample_posterior)
+    first_stage = load_autoencoder(path)
+    assert first_stage.sample_posterior is sample_posterior
+    unet = partial(UNetModel, model_channels=16, num_res_blocks=1, attention_resolutions=[2], channel_mult=[1, 2],
+                   num_head_channels=8, norm_groups=8)
+    task = LatentDiffusionTask(unet, ClassEmbedder(3, 16), first_stage).train()
+    assert task.sample_posterior is sample_posterior
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    mean = first_stage.encode_latent(x, sample=False) * first_stage.scale_factor
+    assert torch.equal(task.encode(x), mean) is not sample_posterior  # samples differ from the mean
+    forced = LatentDiffusionTask(unet, ClassEmbedder(3, 16), first_stage, sample_posterior=True).train()
+    assert not torch.equal(forced.encode(x), mean)  # an explicit setting wins
+
+
+def test_files_without_the_flag_were_trained_on_samples(tmp_path):
+    from safetensors.torch import save_file
+
+    model = AutoencoderKL(**{k: v for k, v in KL_CONFIG.items() if k != "_target_"})
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path,
+              metadata={"ldm_autoencoder_config": json.dumps(KL_CONFIG), "format": "pt"})
+    assert load_autoencoder(path).sample_posterior is True

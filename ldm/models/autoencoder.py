@@ -20,6 +20,7 @@ from ldm.modules.ae_blocks import Decoder, Encoder
 from ldm.modules.quantize import VectorQuantizer
 
 CONFIG_METADATA_KEY = "ldm_autoencoder_config"
+SAMPLE_METADATA_KEY = "ldm_sample_posterior"  # JSON bool: decoder trained on posterior samples (true) or the mean
 HOW_TO_GET_ONE = "train one with `python train/main.py model=autoencoder_kl_demo`"
 
 
@@ -122,9 +123,13 @@ class VQModel(_LatentAutoencoder):
 
 # --- one-file checkpoints: safetensors weights + the `_target_` config in the metadata -------------------
 
-def save_autoencoder(model: nn.Module, path: str | os.PathLike, config: Mapping[str, Any]) -> None:
+def save_autoencoder(model: nn.Module, path: str | os.PathLike, config: Mapping[str, Any],
+                     sample_posterior: bool = True) -> None:
     """Write `model`'s state dict to ONE safetensors file; `config` (the `_target_` dict that builds it)
-    goes into the metadata as JSON so `load_autoencoder(path)` needs nothing else."""
+    goes into the metadata as JSON so `load_autoencoder(path)` needs nothing else.
+
+    `sample_posterior` records which latents the decoder was trained on (KL posterior samples, or the
+    posterior mean); `load_autoencoder` sets it on the model so stage 2 encodes the same way."""
     from safetensors.torch import save_file
 
     if hasattr(config, "_metadata"):  # an OmegaConf DictConfig: resolve interpolations first
@@ -135,11 +140,13 @@ def save_autoencoder(model: nn.Module, path: str | os.PathLike, config: Mapping[
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
-    save_file(state, tmp, metadata={CONFIG_METADATA_KEY: json.dumps(dict(config)), "format": "pt"})
+    metadata = {CONFIG_METADATA_KEY: json.dumps(dict(config)), SAMPLE_METADATA_KEY: json.dumps(bool(sample_posterior)),
+                "format": "pt"}
+    save_file(state, tmp, metadata=metadata)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written autoencoder behind
 
 
-def _read_config(path: str) -> dict[str, Any]:
+def _read_metadata(path: str) -> dict[str, str]:
     from safetensors import safe_open
 
     try:
@@ -150,7 +157,7 @@ def _read_config(path: str) -> dict[str, Any]:
     if CONFIG_METADATA_KEY not in metadata:
         raise ValueError(f"{path} is a safetensors file without an autoencoder config (metadata key "
                          f"'{CONFIG_METADATA_KEY}'), so it was not written by save_autoencoder; {HOW_TO_GET_ONE}")
-    return json.loads(metadata[CONFIG_METADATA_KEY])
+    return metadata
 
 
 def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -164,7 +171,8 @@ def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device =
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no autoencoder checkpoint at {path}; {HOW_TO_GET_ONE}")
-    config = _read_config(path)
+    metadata = _read_metadata(path)
+    config = json.loads(metadata[CONFIG_METADATA_KEY])
     model = instantiate(config)
     if not isinstance(model, _LatentAutoencoder):
         raise ValueError(f"{path}: config `_target_` {config.get('_target_')} is not an autoencoder")
@@ -177,4 +185,6 @@ def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device =
         raise ValueError(f"{path} does not match its config {config.get('_target_')}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {mismatched[:5]}")
     model.load_state_dict(state, strict=True)
+    # Files from before the key existed were trained on posterior samples (the paper's default).
+    model.sample_posterior = json.loads(metadata.get(SAMPLE_METADATA_KEY, "true"))
     return model.to(map_location)

@@ -24,7 +24,9 @@ class UNetModel(nn.Module):
 
     ``attention_resolutions`` are downsampling rates (1 = full latent resolution, 2 = half, ...).
     Heads: ``num_heads`` fixes the head count, ``num_head_channels`` the width per head (SD-2 style);
-    exactly one of them must be set wherever attention is used.
+    exactly one of them must be set wherever attention is used. ``transformer_pos_embed`` adds a fixed 2D
+    position embedding to the SpatialTransformer tokens (no parameters; off in the paper's and SD's
+    UNets, on in the small demo, where prompts name positions).
     """
 
     def __init__(self, in_channels: int, out_channels: int, model_channels: int, num_res_blocks: int,
@@ -34,7 +36,7 @@ class UNetModel(nn.Module):
                  num_classes: int | None = None, use_checkpoint: bool = False, dropout: float = 0.0,
                  attention_backend: str = "sdpa", conv_resample: bool = True,
                  use_spatial_transformer: bool | None = None, use_scale_shift_norm: bool = False,
-                 norm_groups: int = 32):
+                 norm_groups: int = 32, transformer_pos_embed: bool = False):
         super().__init__()
         if use_spatial_transformer is None:
             use_spatial_transformer = context_dim is not None
@@ -59,7 +61,8 @@ class UNetModel(nn.Module):
                 raise ValueError(f"UNetModel: {ch} channels are not divisible into {heads} heads")
             if use_spatial_transformer:
                 return SpatialTransformer(ch, heads, ch // heads, transformer_depth, dropout, context_dim,
-                                          use_linear_in_transformer, attention_backend, use_checkpoint, norm_groups)
+                                          use_linear_in_transformer, attention_backend, use_checkpoint, norm_groups,
+                                          transformer_pos_embed)
             return AttentionBlock(ch, heads, -1, use_checkpoint, attention_backend, norm_groups)
 
         # Timestep t -> sinusoid -> MLP (DDPM, Ho et al. 2020 App. B); class labels add to it.

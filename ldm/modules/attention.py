@@ -154,19 +154,37 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+def position_embedding_2d(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """Fixed 2D sine-cosine embedding ``(h·w, dim)`` of each token's *relative* position (DiT / MAE
+    style, but on coordinates in (0, 1) so a position means the same at every resolution): a quarter of
+    the channels each for sin/cos of x and y at frequencies π·2^k."""
+    if dim % 4:
+        raise ValueError(f"position_embedding_2d: dim={dim} must be divisible by 4")
+    freqs = math.pi * 2.0 ** torch.arange(dim // 4, device=device, dtype=torch.float32)
+    ys = ((torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h)[:, None] * freqs  # (h, dim/4)
+    xs = ((torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w)[:, None] * freqs  # (w, dim/4)
+    ys = torch.cat([ys.sin(), ys.cos()], dim=-1)[:, None].expand(h, w, dim // 2)
+    xs = torch.cat([xs.sin(), xs.cos()], dim=-1)[None].expand(h, w, dim // 2)
+    return torch.cat([xs, ys], dim=-1).reshape(h * w, dim).to(dtype)
+
+
 class SpatialTransformer(nn.Module):
     """Transformer over the ``h·w`` positions of a feature map, with cross-attention to ``context``.
 
     GroupNorm → projection in (1×1 conv, or linear as in SD-2) → ``depth`` transformer blocks →
     projection out (zero-initialised) → residual. Norm eps 1e-6 as in CompVis ``Normalize``.
+
+    ``pos_embed`` (off in the paper and SD) adds ``position_embedding_2d`` to the tokens, so self- and
+    cross-attention queries know where they are: a prompt's "on the left" needs that, and convolutions
+    learn absolute position only slowly, from their zero padding. It has no parameters.
     """
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
                  context_dim: int | None = None, use_linear: bool = False, backend: str = "sdpa",
-                 use_checkpoint: bool = False, norm_groups: int = 32):
+                 use_checkpoint: bool = False, norm_groups: int = 32, pos_embed: bool = False):
         super().__init__()
         inner_dim = n_heads * d_head
-        self.context_dim, self.use_linear = context_dim, use_linear
+        self.context_dim, self.use_linear, self.pos_embed = context_dim, use_linear, pos_embed
         self.norm = nn.GroupNorm(norm_groups, in_channels, eps=1e-6)
         projection = nn.Linear if use_linear else (lambda i, o: nn.Conv2d(i, o, kernel_size=1))
         self.proj_in = projection(in_channels, inner_dim)
@@ -188,6 +206,8 @@ class SpatialTransformer(nn.Module):
         x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)
         if self.use_linear:
             x = self.proj_in(x)
+        if self.pos_embed:
+            x = x + position_embedding_2d(h, w, x.shape[-1], x.device, x.dtype)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:

@@ -26,7 +26,7 @@ class LatentDiffusionTask(nn.Module):
     def __init__(self, unet: Callable[..., nn.Module], conditioner: nn.Module, first_stage: nn.Module,
                  schedule: dict | None = None, parameterization: str = "eps", loss_weighting: str = "uniform",
                  min_snr_gamma: float = 5.0, offset_noise: float = 0.0, ucg_rate: float = 0.1,
-                 sample_posterior: bool = True, sampler: str = "ddim", sample_steps: int = 25,
+                 sample_posterior: bool | None = None, sampler: str = "ddim", sample_steps: int = 25,
                  guidance_scale: float = 1.5):
         super().__init__()
         self.first_stage = first_stage.eval().requires_grad_(False)
@@ -38,6 +38,10 @@ class LatentDiffusionTask(nn.Module):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler={sampler!r}: choose one of {sorted(SAMPLERS)}")
         self.parameterization, self.loss_weighting, self.min_snr_gamma = parameterization, loss_weighting, min_snr_gamma
+        # Encode the way the decoder was trained (posterior samples or the mean; the stage-1 file says
+        # which): a decoder trained on the mean turns unit-variance posterior noise into speckle.
+        if sample_posterior is None:
+            sample_posterior = getattr(first_stage, "sample_posterior", True)
         self.offset_noise, self.ucg_rate, self.sample_posterior = offset_noise, ucg_rate, sample_posterior
         self.sampler, self.sample_steps, self.guidance_scale = sampler, sample_steps, guidance_scale
         trainable = any(p.requires_grad for p in conditioner.parameters())

@@ -170,7 +170,8 @@ def train(cfg) -> Path:
             task.latent_statistics(batches)
         if accelerator.is_main_process:
             path = run_dir / "autoencoder.safetensors"
-            save_autoencoder(task.autoencoder, path, OmegaConf.to_container(cfg.model.task.autoencoder, resolve=True))
+            save_autoencoder(task.autoencoder, path, OmegaConf.to_container(cfg.model.task.autoencoder, resolve=True),
+                             sample_posterior=task.sample_posterior)
             print(f"[ldm] wrote {path} (scale_factor {float(task.autoencoder.scale_factor):.4f})")
     accelerator.wait_for_everyone()
     save_checkpoint(run_dir, step, **checkpoint_kwargs)
