@@ -62,6 +62,24 @@ def test_padding_does_not_leak_into_real_tokens(text_encoder):
     torch.testing.assert_close(after[mask], before[mask])
 
 
+def test_depth_zero_keeps_each_word_its_own_token():
+    """depth 0 (the demo's choice): the context is the positioned word embeddings, so a word changes only
+    its own row; with transformer layers it changes every row (the mixing that washed "left" vs "right"
+    out of the demo's context, docs/demo.md)."""
+    def changed_rows(depth: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        enc = TransformerTextEncoder(vocab_size=300, max_length=16, dim=32, depth=depth, heads=4).eval()
+        enc.fit_tokenizer(CAPTIONS)
+        with torch.no_grad():
+            context, mask = enc.encode(["a red circle on a white background", "a red square on a white background"])
+        return ((context[0] - context[1]).abs().amax(-1) > 1e-5)[mask[0]]  # one flag per real token
+
+    assert changed_rows(0).sum() == 1  # only the shape word's row
+    assert changed_rows(2).all()  # every token of the caption
+    with pytest.raises(ValueError, match="depth"):
+        TransformerTextEncoder(vocab_size=300, depth=-1)
+
+
 def test_tokenizer_travels_in_safetensors(text_encoder, tmp_path):
     state = text_encoder.state_dict()
     assert state["_extra_state"].dtype == torch.uint8

@@ -114,11 +114,18 @@ class TransformerTextEncoder(nn.Module):
     The tokenizer is fitted lazily (`fit_tokenizer(captions)`, called by the task before training)
     and stored in the state_dict as `_extra_state` (a uint8 tensor of its JSON), so a safetensors
     checkpoint of the task holds everything needed to encode a prompt later.
+
+    `depth: 0` keeps no transformer layers: each word stays its own key for the UNet's cross-attention.
+    Trained from scratch on the diffusion loss, layers mix the words early, and in the demo the words that
+    only matter locally ("left", "square") were washed out (docs/demo.md).
     """
 
     def __init__(self, vocab_size: int = 1024, max_length: int = 77, dim: int = 512, depth: int = 6,
                  heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0, caption_key: str = "caption"):
         super().__init__()
+        if depth < 0:
+            raise ValueError(f"TransformerTextEncoder: depth={depth} must be >= 0 (0: the positioned word "
+                             f"embeddings, layer-normed, are the context)")
         if vocab_size < MIN_VOCAB_SIZE:  # fail at build time, not when the tokenizer is fitted
             raise ValueError(f"TransformerTextEncoder: vocab_size={vocab_size} is below {MIN_VOCAB_SIZE}, the "
                              f"byte-level BPE's 256-byte alphabet plus <pad>/<bos>/<eos>")
