@@ -63,7 +63,8 @@ class AutoencoderTask(nn.Module):
     def latent_statistics(self, batches: Iterable[dict]) -> dict[str, torch.Tensor]:
         """Set scale_factor = 1/std(z) over all latent elements (LDM Sec. 4.3.2 / App. G: unit-variance
         latents for the diffusion model) and per-channel latent_mean / latent_std, from the latents
-        stage 2 will see (posterior samples for KL, or the mean with `sample_posterior: false`). Sums are all-reduced under torch.distributed."""
+        stage 2 will see (posterior samples for KL, or the mean with `sample_posterior: false`). Sums are
+        all-reduced under torch.distributed."""
         ae = self.autoencoder
         channels = ae.latent_channels
         device = ae.scale_factor.device

@@ -39,7 +39,8 @@ class LatentDiffusionTask(nn.Module):
             raise ValueError(f"sampler={sampler!r}: choose one of {sorted(SAMPLERS)}")
         self.parameterization, self.loss_weighting, self.min_snr_gamma = parameterization, loss_weighting, min_snr_gamma
         # Encode the way the decoder was trained (posterior samples or the mean; the stage-1 file says
-        # which): a decoder trained on the mean turns unit-variance posterior noise into speckle.
+        # which): a decoder trained on the mean never saw the posterior noise (std ~1 against a latent
+        # std of 3.1 in the demo), and scale_factor was measured on the same kind of latents.
         if sample_posterior is None:
             sample_posterior = getattr(first_stage, "sample_posterior", True)
         self.offset_noise, self.ucg_rate, self.sample_posterior = offset_noise, ucg_rate, sample_posterior

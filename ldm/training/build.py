@@ -60,8 +60,8 @@ def build_task(cfg) -> torch.nn.Module:
 
 
 def build_optimizers(cfg, task) -> dict[str, torch.optim.Optimizer]:
-    # foreach: PyTorch picks the multi-tensor AdamW only on CUDA; on CPU its per-tensor loop costs a
-    # fifth of a small model's step (BENCHMARKS.md). Same update, so the choice is not a setting.
+    # foreach: PyTorch picks the multi-tensor AdamW only on CUDA; on CPU its per-tensor loop is 1.4x
+    # slower for the demo's 330 tensors (BENCHMARKS.md). Same update, so the choice is not a setting.
     return {name: torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
                                     foreach=True)
             for name, params in task.param_groups().items() for o in [cfg.model.optim[name]]}
