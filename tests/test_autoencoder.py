@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from ldm.models.autoencoder import AutoencoderKL, VQModel, load_autoencoder, save_autoencoder
+from ldm.models.autoencoder import (CONFIG_METADATA_KEY, AutoencoderKL, VQModel, load_autoencoder,
+                                   save_autoencoder)
 from ldm.modules.quantize import VectorQuantizer
 
 TINY = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], resolution=16)
@@ -182,5 +183,5 @@ def test_files_without_the_flag_were_trained_on_samples(tmp_path):
     model = AutoencoderKL(**{k: v for k, v in KL_CONFIG.items() if k != "_target_"})
     path = tmp_path / "old.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path,
-              metadata={"ldm_autoencoder_config": json.dumps(KL_CONFIG), "format": "pt"})
+              metadata={CONFIG_METADATA_KEY: json.dumps(KL_CONFIG), "format": "pt"})
     assert load_autoencoder(path).sample_posterior is True
