@@ -10,8 +10,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from ldm.modules.encoders import (ClassEmbedder, Composite, FrozenHFTextEncoder, LowResConcat,  # noqa: E402
-                                  SpatialConcat, TransformerTextEncoder, Unconditional, sample_drop_mask)
+from ldm.modules.conditioning import sample_drop_mask  # noqa: E402
+from ldm.modules.encoders import (ClassEmbedder, Composite, LowResConcat, SpatialConcat,  # noqa: E402
+                                  TransformerTextEncoder, Unconditional)
+from ldm.modules.hf_text import FrozenHFTextEncoder  # noqa: E402
 
 CAPTIONS = [f"a {c} {s} on a {b} background" for c in ("red", "green", "blue", "crimson")
             for s in ("circle", "square", "triangle") for b in ("white", "black")]

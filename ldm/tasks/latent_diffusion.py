@@ -12,7 +12,7 @@ from torch import nn
 
 from ldm.diffusion.objective import add_noise, diffusion_loss, offset_noise
 from ldm.diffusion.schedule import NoiseSchedule
-from ldm.modules.encoders import sample_drop_mask
+from ldm.modules.conditioning import sample_drop_mask
 from ldm.sampling import SAMPLERS, cfg_model_fn
 
 
