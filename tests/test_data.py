@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-import ldm.data.webdataset as loader_module
+import ldm.data.decode as decode_module
 from ldm.data.shards import ShardSink, shard_pattern, write_shards
 from ldm.data.webdataset import build_loader, expand_urls
 from data.make_shards import make_shards
@@ -232,8 +232,8 @@ def test_resume_fast_forward_does_not_decode(shards, monkeypatch):
             break
     state = first.state_dict()
     calls = []
-    original = loader_module.load_rgb
-    monkeypatch.setattr(loader_module, "load_rgb", lambda data: calls.append(1) or original(data))
+    original = decode_module.load_rgb
+    monkeypatch.setattr(decode_module, "load_rgb", lambda data: calls.append(1) or original(data))
     resumed = _train_loader(shards.pattern, 0)
     resumed.load_state_dict(state)
     next(iter(resumed))

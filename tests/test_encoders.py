@@ -313,3 +313,11 @@ def test_composite_feeds_the_unet(text_encoder):
     assert eps.shape == z.shape and torch.isfinite(eps).all()
     with pytest.raises(ValueError, match="context_dim"):
         Composite({"a": ClassEmbedder(5, 32), "b": ClassEmbedder(5, 16)})
+
+
+def test_saved_configs_old_hf_target_still_resolves():
+    # Runs saved before the split name `ldm.modules.encoders.FrozenHFTextEncoder` in their config.yaml.
+    from hydra.utils import get_class
+
+    assert get_class("ldm.modules.encoders.FrozenHFTextEncoder") is FrozenHFTextEncoder
+    assert get_class("ldm.modules.hf_text.FrozenHFTextEncoder") is FrozenHFTextEncoder
