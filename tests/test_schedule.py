@@ -28,13 +28,20 @@ def test_cosine_matches_alpha_bar_closed_form():
     assert betas.max().item() == pytest.approx(0.999)
 
 
+def test_cosine_warns_that_betas_are_ignored():
+    # A preset written for scaled_linear keeps its betas when `schedule.kind=cosine` is set on the command line.
+    with pytest.warns(UserWarning, match="ignored"):
+        betas = make_betas("cosine", 1000, 0.00085, 0.012)
+    torch.testing.assert_close(betas, make_betas("cosine", 1000), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind, diffusers_kind", [("linear", "linear"), ("scaled_linear", "scaled_linear"),
                                                   ("cosine", "squaredcos_cap_v2")])
 def test_betas_match_diffusers(kind, diffusers_kind):
     diffusers = pytest.importorskip("diffusers")
     reference = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=diffusers_kind,
                                         beta_start=0.00085, beta_end=0.012)
-    ours = make_betas(kind, 1000, 0.00085, 0.012)
+    ours = make_betas(kind, 1000) if kind == "cosine" else make_betas(kind, 1000, 0.00085, 0.012)
     torch.testing.assert_close(ours.float(), reference.betas.float(), rtol=1e-5, atol=1e-7)
 
 

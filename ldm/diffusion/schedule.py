@@ -8,6 +8,7 @@ SNR of the last steps.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
@@ -50,6 +51,9 @@ def make_betas(kind: str, num_timesteps: int = 1000, beta_start: float | None = 
         raise ValueError(f"make_betas: unknown schedule kind {kind!r}; choose one of {sorted(BETA_SCHEDULES)}")
     if not isinstance(num_timesteps, int) or num_timesteps < 2:
         raise ValueError(f"make_betas: num_timesteps must be an int >= 2, got {num_timesteps!r}")
+    if kind == "cosine" and (beta_start is not None or beta_end is not None):
+        warnings.warn(f"make_betas('cosine'): beta_start={beta_start} / beta_end={beta_end} are ignored; the cosine "
+                      "schedule is defined by ᾱ(t) alone (Nichol & Dhariwal 2021)", stacklevel=2)
     default_start, default_end = DEFAULT_BETA_RANGE.get(kind, (0.0, 0.0))
     beta_start = default_start if beta_start is None else beta_start
     beta_end = default_end if beta_end is None else beta_end
