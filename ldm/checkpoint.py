@@ -3,12 +3,17 @@
 Layout of `<run_dir>/checkpoints/step_00001234/`:
   model.safetensors   trainable task state (frozen parts listed in `task.frozen_prefixes` are skipped)
   ema.safetensors     EMA weights, when the model keeps an EMA
-  training.pt         optimizer + LR-scheduler states (identical on every rank under DDP)
+  training.pt         optimizer states (keyed by parameter name) + LR-scheduler states
   rank_<r>.pt         per-rank RNG states (python, numpy, torch, cuda) and the data loader's position
   state.json          step, model name, model-config fingerprint, world size — written LAST
 
 A checkpoint is assembled in `step_…tmp/` and renamed into place only when complete, so a process
 killed mid-save never corrupts or shadows the previous one; `latest` only sees complete directories.
+
+Weights and optimizer states are written whole (unsharded), gathered through torch's distributed
+state-dict API, so the files are the same under `trainer.strategy=ddp` and `fsdp`: a run saved under one
+resumes under the other, and on any number of processes. Saving and loading are collectives: every rank
+calls them.
 """
 from __future__ import annotations
 
@@ -56,10 +61,46 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     return path
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _full_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # full_state_dict gathers FSDP shards (rank 0 keeps them with cpu_offload); without a process group
+    # torch needs the default options (nothing is sharded then anyway).
+    return StateDictOptions(full_state_dict=True, **kwargs) if _distributed() else StateDictOptions()
+
+
 def _task_state(task: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable task state, whole and on CPU, on rank 0 (empty elsewhere under torch.distributed)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     skip = tuple(getattr(task, "frozen_prefixes", ()))
-    return {k: v.detach().contiguous().cpu().clone() for k, v in task.state_dict().items()
-            if not (skip and k.startswith(skip))}
+    state = get_model_state_dict(task, options=_full_options(cpu_offload=True))
+    return {k: v.detach().contiguous().cpu().clone() for k, v in state.items() if not (skip and k.startswith(skip))}
+
+
+def _optimizer_states(task, optimizers: dict) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return {k: get_optimizer_state_dict(task, o, options=_full_options(cpu_offload=True)) for k, o in optimizers.items()}
+
+
+def _load_task_state(task, weights: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(task, weights, options=_full_options(strict=False))
+
+
+def _load_optimizer_state(task, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    if state.get("state") and all(isinstance(k, int) for k in state["state"]):
+        optimizer.load_state_dict(state)  # written before optimizer states were keyed by parameter name
+        return
+    set_optimizer_state_dict(task, optimizer, state, options=_full_options())
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,13 +129,14 @@ def save_checkpoint(run_dir: str | Path, step: int, *, task, optimizers: dict, s
         tmp.mkdir(parents=True)
     barrier()
     torch.save({"rng": rng_state(), "data": loader.state_dict()}, tmp / f"rank_{rank}.pt")
+    model_state, optimizer_states = _task_state(task), _optimizer_states(task, optimizers)  # collectives
+    ema_state = ema.state_dict() if ema is not None else None  # gathers FSDP shards: every rank
     barrier()
     if rank == 0:
-        save_file(_task_state(task), tmp / "model.safetensors")
-        if ema is not None:
-            save_file({k: v.contiguous().cpu().clone() for k, v in ema.state_dict().items()},
-                      tmp / "ema.safetensors")
-        torch.save({"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        save_file(model_state, tmp / "model.safetensors")
+        if ema_state is not None:
+            save_file({k: v.contiguous() for k, v in ema_state.items()}, tmp / "ema.safetensors")
+        torch.save({"optimizers": optimizer_states,
                     "schedulers": {k: s.state_dict() for k, s in schedulers.items()}}, tmp / "training.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world_size, **meta}, indent=1))
         if final.exists():  # re-saving the same step (e.g. end of a resumed, finished run)
@@ -133,12 +175,12 @@ def load_checkpoint(path: str | Path, *, task, optimizers: dict, schedulers: dic
     if state.get("fingerprint") != meta.get("fingerprint") and rank == 0:
         print(f"[ldm] note: the model config changed since {path.name} (e.g. a loss weight or learning rate); "
               f"the architecture matches, resuming with the new settings")
-    task.load_state_dict(weights, strict=False)
+    _load_task_state(task, weights)
     if ema is not None:
         ema.load_state_dict(load_file(path / "ema.safetensors"))
     training = torch.load(path / "training.pt", map_location="cpu", weights_only=False)
     for k, o in optimizers.items():
-        o.load_state_dict(training["optimizers"][k])
+        _load_optimizer_state(task, o, training["optimizers"][k])
     for k, s in schedulers.items():
         s.load_state_dict(training["schedulers"][k])
     rank_file = path / f"rank_{rank}.pt"

@@ -24,6 +24,11 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class Strategy(str, Enum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
 class LRSchedule(str, Enum):
     constant = "constant"
     cosine = "cosine"
@@ -53,6 +58,7 @@ class TrainerConfig:
     batch_size: int = 32  # GLOBAL batch: micro_batch x processes x accumulation (no hidden scaling)
     micro_batch_size: Optional[int] = None  # per-process forward batch; None = batch_size / processes
     mixed_precision: Precision = Precision.no  # no | bf16 | fp16 (fp16 autocast is a no-op on CPU)
+    strategy: Strategy = Strategy.ddp  # ddp (whole model per rank) | fsdp (sharded, ldm/training/parallel.py)
     lr_warmup_steps: int = 0  # linear warm-up from 0
     lr_schedule: LRSchedule = LRSchedule.constant  # constant | cosine (after warm-up)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
@@ -68,6 +74,8 @@ class TrainerConfig:
     threads: Optional[int] = None  # torch CPU threads per process (None: torch's default); 1 wins on busy CPUs
     progress: bool = True  # tqdm progress bar on the main process
     trace: bool = False  # write run_dir/trace_rank<r>.txt: sample keys read + final weight checksum
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # checkpoint and stop
+    requeue: bool = True  # under SLURM, a run stopped by a signal requeues its job (scontrol requeue)
 
 
 @dataclass

@@ -16,6 +16,7 @@ read with the `webdataset` package's tar iterators. What this module adds on top
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import glob
@@ -25,6 +26,7 @@ import math
 import os
 import random
 import re
+import signal
 import tarfile
 
 import torch
@@ -154,6 +156,26 @@ def read_shard(url: str, counter: SkipCounter):
             stream.close()
 
 
+def read_captions(urls, caption_field: str = "txt", limit: int = 50_000) -> list[str]:
+    """Captions of the first `limit` samples (shards in sorted order), read without decoding images.
+
+    Reads the tars directly (not `wds.WebDataset`, whose default nodesplitter raises "you need to add an
+    explicit nodesplitter" in every multi-process job), so any rank can call it."""
+    import json
+
+    key, field = ("json", caption_field.split(":", 1)[1]) if caption_field.startswith("json:") else (caption_field, None)
+    captions, counter = [], SkipCounter(worker=0)
+    for url in sorted(expand_urls(urls)):
+        for sample in read_shard(url, counter):
+            value = sample.get(key)
+            if value is not None:
+                value = value.decode("utf-8")
+                captions.append(str(json.loads(value).get(field, "")) if field else value)
+            if len(captions) >= limit:
+                return captions
+    return captions
+
+
 # ------------------------------------------------------------------------------------------ position
 @dataclasses.dataclass
 class Position:
@@ -182,6 +204,27 @@ def _seed(*parts) -> str:
 
 def _identity(batch):
     return batch
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """`worker_init_fn`: loader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints
+    (ldm/training/preemption.py). SLURM and `kill -TERM -<pgid>` signal every process; torch's own worker
+    handler dies on a SIGTERM not sent by its parent, and the main process then fails with "DataLoader
+    worker (pid …) is killed by signal". This runs after torch installs that handler, so it wins."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    # multiprocessing ends daemonic children at exit with SIGTERM, which loader workers now ignore: a loader
+    # iterator still alive at exit (not closed, or kept by a traceback) would make that join hang. They
+    # hold no state, so they are killed outright. (Registered after multiprocessing's hook: runs first.)
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 class ShardStream(IterableDataset):
@@ -326,6 +369,7 @@ class ResumableLoader:
             # are seeded explicitly per (seed, epoch, rank, worker) anyway.
             source = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                                      collate_fn=_identity, pin_memory=self.pin_memory,
+                                     worker_init_fn=ignore_stop_signals,
                                      generator=torch.Generator().manual_seed(0)))
         else:
             source = iter(self.stream)

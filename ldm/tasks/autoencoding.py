@@ -12,9 +12,10 @@ from torch import nn
 
 from ldm.losses.autoencoder import AutoencoderLoss
 from ldm.metrics import lpips_distance, psnr, ssim
+from ldm.tasks.base import RunContext, Task
 
 
-class AutoencoderTask(nn.Module):
+class AutoencoderTask(Task):
     # LPIPS is a fixed function (pretrained, or a seeded random backbone): rebuilt, not checkpointed.
     frozen_prefixes = ("loss.lpips.",)
 
@@ -58,6 +59,20 @@ class AutoencoderTask(nn.Module):
             metrics["codebook_usage"] = float(regularization["usage"])
             metrics["perplexity"] = float(regularization["perplexity"])
         return metrics
+
+    def on_train_end(self, run: RunContext) -> None:
+        """Stage 1 ends by measuring latent statistics (scale_factor = 1/std) and writing the one file stage 2
+        loads (`model.first_stage.ckpt`). Every rank reads the same batches (the sums are all-reduced), so
+        the statistics are identical everywhere."""
+        from ldm.models.autoencoder import save_autoencoder
+
+        with torch.random.fork_rng():  # keep the RNG state the final checkpoint stores
+            self.latent_statistics(run.statistics_batches())
+        if run.is_main:
+            path = run.run_dir / "autoencoder.safetensors"
+            save_autoencoder(self.autoencoder, path, run.task_config["autoencoder"], sample_posterior=self.sample_posterior)
+            print(f"[ldm] wrote {path} (scale_factor {float(self.autoencoder.scale_factor):.4f})")
+        run.barrier()
 
     @torch.no_grad()
     def latent_statistics(self, batches: Iterable[dict]) -> dict[str, torch.Tensor]:

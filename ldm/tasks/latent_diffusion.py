@@ -14,9 +14,10 @@ from ldm.diffusion.objective import add_noise, diffusion_loss, offset_noise
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.modules.conditioning import sample_drop_mask
 from ldm.sampling import SAMPLERS, cfg_model_fn
+from ldm.tasks.base import RunContext, Task
 
 
-class LatentDiffusionTask(nn.Module):
+class LatentDiffusionTask(Task):
     """Owns the frozen first stage, the conditioner τ_θ and the UNet ε_θ.
 
     `unet` is a partial (`_partial_: true` in the config): the facts it needs — latent channels,
@@ -61,6 +62,37 @@ class LatentDiffusionTask(nn.Module):
 
     def ema_target(self) -> nn.Module:
         return self.unet
+
+    def shard_units(self) -> list[nn.Module]:
+        """FSDP units: each UNet block, then the UNet (its embeddings and output head), then a trainable
+        conditioner. The frozen first stage stays whole on every rank (no gradients, no optimizer state)."""
+        unet = self.unet
+        units = [*unet.input_blocks, unet.middle_block, *unet.output_blocks, unet]
+        if any(p.requires_grad for p in self.conditioner.parameters()):
+            units.append(self.conditioner)
+        return units
+
+    def on_train_start(self, run: RunContext) -> None:
+        """A jointly trained text encoder needs a tokenizer fitted on the dataset's captions before its
+        embedding means anything. Rank 0 fits it and writes run_dir/tokenizer.json; the other ranks read
+        that file, so every rank holds the same vocabulary. On resume the checkpoint's tokenizer replaces it."""
+        encoder = self.conditioner
+        if not hasattr(encoder, "fit_tokenizer") or encoder.is_fitted:
+            return
+        from ldm.data.webdataset import read_captions
+        from ldm.modules.tokenizer import BPETokenizer
+
+        path = run.run_dir / "tokenizer.json"
+        if run.is_main and not path.exists():
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            captions = read_captions(run.data.shards, run.data.caption_field)
+            if not captions:
+                raise ValueError(f"no captions found in {run.data.shards} (caption_field={run.data.caption_field})")
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(encoder.fit_tokenizer(captions).to_json())
+            tmp.replace(path)
+        run.barrier()
+        encoder.tokenizer = BPETokenizer.from_json(path.read_text())
 
     # -- latents ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import signal
+import sys
 import time
 from pathlib import Path
 
@@ -14,8 +14,11 @@ from tqdm import tqdm
 
 from ldm.checkpoint import config_fingerprint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.ema import EMA
+from ldm.tasks.base import RunContext
 from ldm.training.build import (build_accelerator, build_eval_loader, build_optimizers, build_scheduler,
-                                build_task, build_train_loader, fit_tokenizer, save_config)
+                                build_task, build_train_loader, save_config)
+from ldm.training.parallel import parallelize
+from ldm.training.preemption import StopRequest, requeue_slurm_job
 from ldm.training.tracking import CSVLog, init_tracking, log_images
 
 
@@ -26,8 +29,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 @torch.no_grad()
 @torch.random.fork_rng()  # evaluation must not shift the training RNG stream (bit-identical resume)
 def evaluate(task, cfg, accelerator, step: int, run_dir: Path, ema=None) -> dict[str, float]:
-    """Held-out metrics + image grids, on the main process over `trainer.eval_batches` batches,
-    with the EMA weights when the model keeps an EMA (they sample better than the raw ones)."""
+    """Held-out metrics + image grids over `trainer.eval_batches` batches, with the EMA weights when the
+    model keeps an EMA (they sample better than the raw ones). Every rank runs it on the same batches
+    (an FSDP forward is a collective); the main process writes the grids."""
     if ema is not None:
         with ema.swapped_into(task.ema_target()):
             return evaluate(task, cfg, accelerator, step, run_dir)
@@ -57,18 +61,29 @@ def train(cfg) -> Path:
         torch.set_num_threads(cfg.trainer.threads)
     accelerator, micro, accum = build_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
+    stop = StopRequest(list(cfg.trainer.stop_signals)).install()  # before anything slow: a signal is never lost
     loader = build_train_loader(cfg, micro, rank, world)  # missing shards fail here, before any model is built
     set_seed(cfg.trainer.seed)  # identical initial weights on every rank
     task = build_task(cfg)
-    fit_tokenizer(task, cfg, accelerator, run_dir)
+    run = RunContext(
+        run_dir=run_dir, is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
+        device=accelerator.device, data=cfg.data,
+        task_config=OmegaConf.to_container(cfg.model.task, resolve=True),
+        statistics_batches=lambda: (to_device(b, accelerator.device) for b, _ in zip(
+            build_eval_loader(cfg, micro, shards=cfg.data.shards), range(cfg.trainer.latent_stat_batches))))
+    task.on_train_start(run)
     if cfg.trainer.channels_last:
         task = task.to(memory_format=torch.channels_last)
+    # Parallelism first, then everything that holds parameters: FSDP replaces them with shards, and the
+    # optimizers and the EMA must hold those.
+    model = parallelize(task, cfg.trainer.strategy.value, accelerator)
     optimizers = build_optimizers(cfg, task)
     schedulers = {k: build_scheduler(cfg.trainer, o) for k, o in optimizers.items()}
     ema_target = task.ema_target()
     ema = EMA(ema_target, **cfg.model.ema) if cfg.model.ema is not None and ema_target is not None else None
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
-    meta = {"model": cfg.model.name, "fingerprint": config_fingerprint(model_cfg)}
+    meta = {"model": cfg.model.name, "fingerprint": config_fingerprint(model_cfg),
+            "strategy": cfg.trainer.strategy.value}
 
     step = 0
     resume_from = resolve_resume(cfg.trainer.resume, run_dir)
@@ -80,24 +95,27 @@ def train(cfg) -> Path:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir)
-        print(f"[ldm] {cfg.model.name} on {cfg.data.name}: {world} process(es), global batch "
-              f"{cfg.trainer.batch_size} = {micro} x {world} x {accum} accumulation, run dir {run_dir}"
+        print(f"[ldm] {cfg.model.name} on {cfg.data.name}: {world} process(es) ({cfg.trainer.strategy.value}), "
+              f"global batch {cfg.trainer.batch_size} = {micro} x {world} x {accum} accumulation, run dir {run_dir}"
               + (f", resuming {resume_from.name}" if resume_from else ""))
     accelerator.wait_for_everyone()
     init_tracking(accelerator, cfg, run_dir)
     csv_log = CSVLog(run_dir, accelerator.is_main_process)
     if ema is not None:
         ema.to(accelerator.device)
-    model = accelerator.prepare(task)
     opts = {k: accelerator.prepare(o) for k, o in optimizers.items()}
     groups = task.param_groups()
     checkpoint_kwargs = dict(task=task, optimizers=optimizers, schedulers=schedulers, ema=ema, loader=loader,
                              meta=meta, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone,
                              keep_last=cfg.trainer.keep_last)
 
-    # SIGTERM (SLURM preemption, `kill`): finish the current step, checkpoint, exit cleanly.
-    stop = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    def checkpoint(reason: str) -> Path:
+        start = time.perf_counter()
+        path = save_checkpoint(run_dir, step, **checkpoint_kwargs)
+        seconds = time.perf_counter() - start  # size the SLURM --signal lead time from this (README)
+        accelerator.print(f"[ldm] saved {path} ({reason}) in {seconds:.1f} s")
+        csv_log.write(step, {"checkpoint/save_seconds": seconds})
+        return path
 
     trace = (run_dir / f"trace_rank{rank}.txt").open("a") if cfg.trainer.trace else None
     data = iter(loader)
@@ -105,10 +123,11 @@ def train(cfg) -> Path:
                                                                        accelerator.is_main_process), dynamic_ncols=True)
     clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
     tick, seen = time.perf_counter(), 0
-    while step < cfg.trainer.max_steps and not stop["flag"]:
+    # The stop decision is all-reduced after every step, so all ranks leave the loop at the same step.
+    while step < cfg.trainer.max_steps and not stop.agreed():
         for _ in range(accum):
             batch = to_device(next(data), accelerator.device)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model), accelerator.autocast():
                 loss, logs = model(batch, step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -129,54 +148,39 @@ def train(cfg) -> Path:
 
         if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
             elapsed = time.perf_counter() - tick
-            values = {f"train/{k}": float(v) for k, v in logs.items()}
-            values.update({f"grad_norm/{k}": float(v) for k, v in norms.items()})
+            values = {f"train/{k}": _scalar(v) for k, v in logs.items()}
+            values.update({f"grad_norm/{k}": _scalar(v) for k, v in norms.items()})
             values.update({f"lr/{k}": s.get_last_lr()[0] for k, s in schedulers.items()})
             values["train/img_per_s"] = seen * world / elapsed
             values.update({f"data/skipped_{k}": v for k, v in loader.skipped.items()})
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{values['train/img_per_s']:.1f}")
+            bar.set_postfix(loss=f"{values.get('train/loss', float('nan')):.4f}", img_s=f"{values['train/img_per_s']:.1f}")
             accelerator.log(values, step=step)
             csv_log.write(step, values)
             tick, seen = time.perf_counter(), 0
         if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.max_steps:
-            if accelerator.is_main_process:
-                metrics = evaluate(accelerator.unwrap_model(model), cfg, accelerator, step, run_dir, ema)
-                accelerator.log(metrics, step=step)
-                csv_log.write(step, metrics)
-            accelerator.wait_for_everyone()
+            metrics = evaluate(task, cfg, accelerator, step, run_dir, ema)
+            accelerator.log(metrics, step=step)
+            csv_log.write(step, metrics)
         if step % cfg.trainer.ckpt_every == 0 and step < cfg.trainer.max_steps:
-            save_checkpoint(run_dir, step, **checkpoint_kwargs)
+            checkpoint("scheduled")
     bar.close()
+    data.close()  # shut the loader workers down now (they ignore SIGTERM: see ignore_stop_signals)
     if trace:
-        checksum = sum(float(p.detach().double().sum()) for p in task.parameters())
+        checksum = sum(float(_full(p).detach().double().sum()) for p in task.parameters())
         trace.write(f"checksum {checksum!r}\n")
         trace.close()
 
-    if stop["flag"]:
-        path = save_checkpoint(run_dir, step, **checkpoint_kwargs)
-        accelerator.print(f"[ldm] SIGTERM: saved {path}; rerun the same command to resume")
+    if stop.received is not None and step < cfg.trainer.max_steps:
+        path = checkpoint(f"{stop.received.name} at step {step}")
+        accelerator.print(f"[ldm] stopped by {stop.received.name}; rerun the same command to resume from {path.name}")
         accelerator.end_training()
-        return run_dir
-    task = accelerator.unwrap_model(model)
-    if hasattr(task, "latent_statistics"):
-        # Stage 1 ends by measuring latent statistics (scale_factor = 1/std) and writing the one file
-        # stage 2 loads (`model.first_stage.ckpt`). Every rank reads the same batches (the sums are
-        # all-reduced), so the statistics are identical everywhere.
-        from ldm.models.autoencoder import save_autoencoder
-
-        batches = (to_device(b, accelerator.device) for b, _ in
-                   zip(build_eval_loader(cfg, micro, shards=cfg.data.shards), range(cfg.trainer.latent_stat_batches)))
-        with torch.random.fork_rng():  # keep the RNG state the final checkpoint stores
-            task.latent_statistics(batches)
-        if accelerator.is_main_process:
-            path = run_dir / "autoencoder.safetensors"
-            save_autoencoder(task.autoencoder, path, OmegaConf.to_container(cfg.model.task.autoencoder, resolve=True),
-                             sample_posterior=task.sample_posterior)
-            print(f"[ldm] wrote {path} (scale_factor {float(task.autoencoder.scale_factor):.4f})")
-    accelerator.wait_for_everyone()
-    save_checkpoint(run_dir, step, **checkpoint_kwargs)
+        if accelerator.is_main_process and cfg.trainer.requeue:
+            requeue_slurm_job()
+        sys.exit(stop.exit_code)  # not a completed run: under SLURM the job must not end COMPLETED
+    task.on_train_end(run)
+    checkpoint("final")
+    metrics = evaluate(task, cfg, accelerator, step, run_dir, ema)
     if accelerator.is_main_process:
-        metrics = evaluate(task, cfg, accelerator, step, run_dir, ema)
         accelerator.log(metrics, step=step)
         csv_log.write(step, metrics)
         print("[ldm] final " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -184,3 +188,11 @@ def train(cfg) -> Path:
         print(f"[ldm] images in {run_dir / 'images'}, checkpoints in {run_dir / 'checkpoints'}")
     accelerator.end_training()
     return run_dir
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _scalar(v) -> float:
+    return float(_full(v).detach()) if torch.is_tensor(v) else float(v)

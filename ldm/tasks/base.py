@@ -1,0 +1,42 @@
+"""The task contract (docs/architecture.md) as a base class: the optional hooks have no-op defaults, so
+the training loop calls them on every task and never asks `hasattr(task, …)`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RunContext:
+    """What a task's hooks may use: facts of the run, never the Accelerator, Hydra or W&B objects."""
+
+    run_dir: Path
+    is_main: bool  # rank 0: the one process that writes shared files
+    barrier: Callable[[], None]  # wait for every rank
+    device: torch.device
+    data: Any  # cfg.data: shards, caption_field, …
+    task_config: dict  # cfg.model.task, resolved (stage 1 stores it beside its weights)
+    statistics_batches: Callable[[], Iterable[dict]]  # deterministic batches of the training shards, on device
+
+
+class Task(nn.Module):
+    """Base of the stage tasks. Subclasses implement forward(batch, step) -> (loss, logs), param_groups(),
+    ema_target(), visualize(batch), evaluate(batch); the hooks below are optional."""
+
+    frozen_prefixes: tuple[str, ...] = ()  # state-dict prefixes rebuilt from their own files, not checkpointed
+
+    def on_train_start(self, run: RunContext) -> None:
+        """Before the first step and before a checkpoint is loaded (e.g. fit a tokenizer on the captions)."""
+
+    def on_train_end(self, run: RunContext) -> None:
+        """After the last step, before the final checkpoint (e.g. stage 1 measures its latents and writes
+        the file stage 2 loads). Called on every rank: collectives are allowed."""
+
+    def shard_units(self) -> list[nn.Module]:
+        """Sub-modules to shard with FSDP (`trainer.strategy=fsdp`), innermost first; each becomes one
+        all-gather unit. A task that returns none cannot be sharded."""
+        return []
