@@ -65,12 +65,14 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _full_options(**kwargs):
+def _full_options(cpu_offload: bool = False, strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # full_state_dict gathers FSDP shards (rank 0 keeps them with cpu_offload); without a process group
-    # torch needs the default options (nothing is sharded then anyway).
-    return StateDictOptions(full_state_dict=True, **kwargs) if _distributed() else StateDictOptions()
+    # torch needs it off (nothing is sharded then anyway).
+    if _distributed():
+        return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, strict=strict)
+    return StateDictOptions(strict=strict)
 
 
 def _task_state(task: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -19,3 +19,24 @@ def shapes_shards(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("shapes")
     return write_shapes(str(out), n_train=192, n_val=32, size=32, max_count=48, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_autoencoder(shapes_shards, tmp_path_factory):
+    """A 2-step tiny KL autoencoder trained on the shapes shards: the first stage of stage-2 tests."""
+    from hydra import compose, initialize_config_dir
+
+    from ldm.config import register_configs
+    from ldm.training.loop import train
+
+    register_configs()
+    run_dir = tmp_path_factory.mktemp("tiny_ae") / "run"
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "model=autoencoder_kl_tiny", "data=shapes", f"data.shards='{shapes_shards['train']}'",
+            f"data.val_shards='{shapes_shards['val']}'", "data.image_size=32", "data.num_workers=1",
+            "trainer=debug", "trainer.max_steps=2", "logger=none", f"run_dir={run_dir}",
+            "++model.task.loss.perceptual_weight=0"])
+    train(cfg)
+    return run_dir / "autoencoder.safetensors"

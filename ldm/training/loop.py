@@ -2,6 +2,7 @@
 (docs/architecture.md). Rerunning the same command in the same run directory resumes."""
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -125,7 +126,11 @@ def train(cfg) -> Path:
     tick, seen = time.perf_counter(), 0
     # The stop decision is all-reduced after every step, so all ranks leave the loop at the same step.
     while step < cfg.trainer.max_steps and not stop.agreed():
-        for _ in range(accum):
+        for micro_step in range(accum):
+            # The random draws of each micro-batch (noise, timesteps, condition dropout) come from a seed of
+            # (seed, its index in the global batch stream): a run's randomness does not depend on how many
+            # processes share the global batch, so 2 processes train the same model as 1.
+            torch.manual_seed(micro_batch_seed(cfg.trainer.seed, (step * accum + micro_step) * world + rank))
             batch = to_device(next(data), accelerator.device)
             with accelerator.accumulate(model), accelerator.autocast():
                 loss, logs = model(batch, step)
@@ -168,6 +173,8 @@ def train(cfg) -> Path:
     if trace:
         checksum = sum(float(_full(p).detach().double().sum()) for p in task.parameters())
         trace.write(f"checksum {checksum!r}\n")
+        if ema is not None:  # the EMA must be the same on every rank (a known fault elsewhere)
+            trace.write(f"ema_checksum {sum(float(v.double().sum()) for v in ema.state_dict().values())!r}\n")
         trace.close()
 
     if stop.received is not None and step < cfg.trainer.max_steps:
@@ -188,6 +195,10 @@ def train(cfg) -> Path:
         print(f"[ldm] images in {run_dir / 'images'}, checkpoints in {run_dir / 'checkpoints'}")
     accelerator.end_training()
     return run_dir
+
+
+def micro_batch_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "little") >> 1
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
