@@ -241,13 +241,23 @@ def _writing(tmp: Path, run_dir: Path, step: int):
                                    f"the partial copy was removed and {_kept(run_dir)}") from None
 
 
-def _swap_into_place(tmp: Path, final: Path) -> None:
+def _crash_point(name: str, step: int, rank: int) -> None:
+    """Test hook: LDM_TEST_KILL=<name>:<step>:<rank> SIGKILLs this process here, so tests/test_faults.py can
+    kill a real run at an exact moment of a save (a timer cannot hit a millisecond-long save)."""
+    if os.environ.get("LDM_TEST_KILL") == f"{name}:{step}:{rank}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _swap_into_place(tmp: Path, final: Path, step: int = -1) -> None:
     """tmp -> final. An existing `final` is first renamed to `final.old`, deleted only once the new copy
     has its name: a kill between the renames leaves `.old`, which list_checkpoints accepts."""
     old = final.with_name(final.name + ".old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
+        _crash_point("swap", step, 0)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -287,19 +297,21 @@ def save_checkpoint(run_dir: str | Path, step: int, *, task, optimizers: dict, s
     barrier()
     with _writing(tmp, run_dir, step):
         torch.save({"rng": rng_state(), "data": loader.state_dict()}, tmp / f"rank_{rank}.pt")
+    _crash_point("rank", step, rank)
     barrier()
     if rank == 0:
         weights = _task_state(task)
         ema_weights = {k: v.contiguous().cpu().clone() for k, v in ema.state_dict().items()} if ema is not None else None
         with _writing(tmp, run_dir, step):
             save_file(weights, tmp / "model.safetensors")
+            _crash_point("model", step, rank)
             if ema_weights is not None:
                 save_file(ema_weights, tmp / "ema.safetensors")
             torch.save({"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                         "schedulers": {k: s.state_dict() for k, s in schedulers.items()}}, tmp / "training.pt")
             write_manifest(tmp, step)
             _write_json(tmp / "state.json", {"step": step, "world_size": world_size, **meta})  # last: complete
-            _swap_into_place(tmp, final)
+            _swap_into_place(tmp, final, step)
         rotate_checkpoints(run_dir, keep_last)
     barrier()
     return final

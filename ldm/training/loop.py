@@ -105,7 +105,8 @@ def train(cfg) -> Path:
     bar = tqdm(total=cfg.trainer.max_steps, initial=step, disable=not (cfg.trainer.progress and
                                                                        accelerator.is_main_process), dynamic_ncols=True)
     clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
-    guard = StepGuard(cfg.trainer.max_bad_steps, lambda t: accelerator.reduce(t, "sum"), accelerator.is_main_process)
+    guard = StepGuard(cfg.trainer.max_bad_steps, lambda t: accelerator.reduce(t, "sum"), accelerator.is_main_process,
+                      task)
     tick, seen = time.perf_counter(), 0
     while step < cfg.trainer.max_steps and not stop["flag"]:
         skip = False
