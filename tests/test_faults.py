@@ -58,7 +58,8 @@ def cli(shards, run_dir, *overrides, model=AE, procs=1, env=None, preexec_fn=Non
 
 
 def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line][:5]  # the root cause, not torchrun's summary
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + "\nfirst errors:\n" + "\n".join(errors)
     return proc
 
 
@@ -134,14 +135,15 @@ def test_sigkill_mid_save_autoencoder_one_process(shapes_shards, ae_run, tmp_pat
 
 
 def test_sigkill_mid_save_ldm_one_process_and_resave_window(shapes_shards, ae_run, tmp_path):
-    first_stage = [f"model.first_stage.ckpt={ae_run / 'autoencoder.safetensors'}"]
+    first_stage = f"model.first_stage.ckpt={ae_run / 'autoencoder.safetensors'}"
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
-    ok(cli(shapes_shards, reference, *KEEP_ALL, *first_stage, model=LDM))
-    resumed = kill_and_resume(shapes_shards, reference, run_dir, "model:3:0", *first_stage, model=LDM)
+    args = ["trainer.keep_last=1", first_stage]
+    ok(cli(shapes_shards, reference, *KEEP_ALL, *args, model=LDM))
+    resumed = kill_and_resume(shapes_shards, reference, run_dir, "model:3:0", *args, model=LDM)
     assert "resuming step_00000002" in resumed.stdout
     # Rerunning the finished run re-saves step 4; a kill between its two renames (old copy set aside, new
     # one not yet in place) used to leave nothing, and keep_last=1 made the rerun start again from step 0.
-    args = [*KEEP_ALL, "trainer.keep_last=1", *first_stage]
+    args = [*KEEP_ALL, *args]
     killed = cli(shapes_shards, run_dir, *args, model=LDM, env={"LDM_TEST_KILL": "swap:4:0"})
     assert killed.returncode != 0 and not (run_dir / "checkpoints/step_00000004").exists()
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000004.old"]
@@ -159,9 +161,28 @@ def test_sigkill_mid_save_two_processes(shapes_shards, ae_run, tmp_path):
     assert "resuming step_00000002" in resumed.stdout
 
 
+def seed_tokenizer(shards, run_dir: Path, first_stage: str) -> None:
+    """Fit the stage-2 tokenizer into run_dir/tokenizer.json as rank 0 would. Under 2 processes that start-up
+    step still fails (read_captions uses WebDataset's single-node pipeline: 'you need to add an explicit
+    nodesplitter'); it belongs to the scale-out issue. Drop this once multi-process stage 2 starts alone."""
+    from ldm.training.build import build_task, fit_tokenizer
+
+    class MainOnly:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+    cfg = compose_cfg(*LDM, *data_args(shards), f"run_dir={run_dir}", first_stage)
+    fit_tokenizer(build_task(cfg), cfg, MainOnly(), run_dir)
+
+
+@pytest.mark.slow  # ~70 s: 3 two-process launches
 def test_sigkill_mid_save_ldm_two_processes(shapes_shards, ae_run, tmp_path):
     first_stage = [f"model.first_stage.ckpt={ae_run / 'autoencoder.safetensors'}"]
     reference = tmp_path / "reference"
+    for run_dir in (reference, tmp_path / "run"):
+        seed_tokenizer(shapes_shards, run_dir, first_stage[0])
     ok(cli(shapes_shards, reference, *KEEP_ALL, *first_stage, model=LDM, procs=2))
     resumed = kill_and_resume(shapes_shards, reference, tmp_path / "run", "model:3:0", *first_stage, model=LDM,
                               procs=2)
@@ -187,6 +208,7 @@ def test_nan_loss_skips_steps_then_stops_and_keeps_finite_state(shapes_shards, a
     assert [float(v) for _, k, v in rows if k == "train/skipped_steps"][-1] == 2
 
 
+@pytest.mark.slow  # ~11 s; the kl_weight=1e38 test covers the default suite
 def test_huge_learning_rate_stops_without_writing_nan(shapes_shards, tmp_path):
     run_dir = tmp_path / "run"
     line = failed(cli(shapes_shards, run_dir, "trainer.max_steps=30", "trainer.ckpt_every=1", "trainer.max_bad_steps=3",
@@ -316,6 +338,7 @@ def test_corrupt_checkpoint_is_named_and_latest_falls_back(ae_run, tmp_path, cap
         resolve_resume(str(bad), run_dir)  # named explicitly: never a fallback
 
 
+@pytest.mark.slow  # ~5 s
 def test_no_good_checkpoint_is_an_error_not_a_restart(shapes_shards, ae_run, tmp_path):
     run_dir = copy_run(ae_run, tmp_path / "run")
     for ckpt in list_checkpoints(run_dir):
@@ -361,6 +384,7 @@ def _file_size_limit(limit):
     return apply
 
 
+@pytest.mark.slow  # ~8 s
 def test_disk_full_while_saving_names_the_path_and_what_was_kept(shapes_shards, ae_run, tmp_path):
     """RLIMIT_FSIZE makes every write past 1 MB fail like a full disk (EFBIG instead of ENOSPC)."""
     run_dir = copy_run(ae_run, tmp_path / "run")
@@ -372,6 +396,7 @@ def test_disk_full_while_saving_names_the_path_and_what_was_kept(shapes_shards, 
     verify_checkpoint(run_dir / "checkpoints/step_00000004")
 
 
+@pytest.mark.slow  # ~7 s
 def test_read_only_checkpoint_dir_names_the_path(shapes_shards, ae_run, tmp_path):
     run_dir = copy_run(ae_run, tmp_path / "run")
     checkpoints = run_dir / "checkpoints"
@@ -484,6 +509,20 @@ def test_sequence_fields_are_type_checked():
         check_targets(cfg.model.task, "model.task")
 
 
+def test_sample_options_are_validated_before_loading():
+    from omegaconf import OmegaConf
+
+    from train.sample import SampleConfig, check_options
+
+    for override, message in (({"repeats": 0}, "repeats=0: must be >= 1"),
+                              ({"sampler": "euler"}, "sampler=euler: not a sampler; choose one of ddpm, ddim, plms, "
+                                                     "dpmpp_2m")):
+        cfg = OmegaConf.merge(OmegaConf.structured(SampleConfig), {"run_dir": "x", "out_dir": "y", **override})
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            check_options(cfg)
+
+
+@pytest.mark.slow  # ~6 s each
 @pytest.mark.parametrize("override,message", [("sampler=euler", "sampler=euler: not a sampler; choose one of "
                                                                   "ddpm, ddim, plms, dpmpp_2m"),
                                               ("repeats=0", "repeats=0: must be >= 1")])
