@@ -301,7 +301,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, task, optimizers: dict, s
     barrier()
     if rank == 0:
         weights = _task_state(task)
-        ema_weights = {k: v.contiguous().cpu().clone() for k, v in ema.state_dict().items()} if ema is not None else None
+        ema_weights = None if ema is None else {k: v.contiguous().cpu().clone() for k, v in ema.state_dict().items()}
         with _writing(tmp, run_dir, step):
             save_file(weights, tmp / "model.safetensors")
             _crash_point("model", step, rank)

@@ -57,11 +57,11 @@ class TrainerConfig:
     lr_warmup_steps: int = 0  # linear warm-up from 0
     lr_schedule: LRSchedule = LRSchedule.constant  # constant | cosine (after warm-up)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    log_every: int = 10  # steps between scalar logs
+    log_every: int = 10  # steps between scalar logs (>= 1; the last step is always logged)
     eval_every: int = 500  # steps between held-out metrics / image grids (0 = only at the end)
     eval_batches: int = 4  # batches of the held-out set per evaluation
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
-    keep_last: int = 3  # checkpoints kept on disk
+    keep_last: int = 3  # checkpoints kept on disk (0 keeps all)
     resume: str = "latest"  # latest | never | PATH to a checkpoint directory
     seed: int = 0
     latent_stat_batches: int = 8  # stage 1: batches used to measure latent mean/std at the end

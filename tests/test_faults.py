@@ -58,7 +58,7 @@ def cli(shards, run_dir, *overrides, model=AE, procs=1, env=None, preexec_fn=Non
 
 
 def ok(proc):
-    errors = [line for line in proc.stderr.splitlines() if "Error" in line][:5]  # the root cause, not torchrun's summary
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line][:5]  # the root cause, not torchrun's
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + "\nfirst errors:\n" + "\n".join(errors)
     return proc
 
