@@ -1,10 +1,12 @@
 """One live run per run directory.
 
 Two runs on one run directory would interleave checkpoints, rotate each other's away and resume from
-a mix. `run_dir/run.lock` is held with flock(2) by the launching process (rank 0 only: the ranks of one
-job must not refuse each other). The kernel releases it when its holder dies, even by SIGKILL, so a
-stale lock is taken over without asking; the file records pid, host and SLURM job id for the message.
-Where the filesystem has no flock (some Lustre mounts), the recorded pid is checked instead.
+a mix. `run_dir/run.lock` is held with a POSIX record lock (fcntl/lockf) by the launching process (rank 0
+only: the ranks of one job must not refuse each other). The kernel releases it when its holder dies, even
+by SIGKILL, so a stale lock is taken over without asking; the file records pid, host and SLURM job id for
+the message. A POSIX lock, not flock(2): forked DataLoader workers inherit an flock and kept a killed run's
+lock alive for seconds; record locks belong to the process alone (and work over NFS through lockd).
+Where the filesystem has no locks at all (some Lustre mounts), the recorded pid is checked instead.
 """
 from __future__ import annotations
 
@@ -45,14 +47,15 @@ class RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID")}
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         holder = self._holder()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunLockedError(self._refusal(holder)) from None
-        except OSError as e:  # no flock on this filesystem: judge by the recorded pid on this host
+        try:  # (never open the file again while holding it: closing ANY fd of it drops a POSIX lock)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise RunLockedError(self._refusal(holder)) from None
             if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
+            # no locks on this filesystem: judge by the recorded pid on this host
             if holder.get("host") == me["host"] and holder.get("pid") not in (None, me["pid"]) \
                     and _alive(int(holder["pid"])):
                 os.close(fd)
@@ -74,7 +77,7 @@ class RunLock:
     def release(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)  # a clean exit leaves no holder: only a crashed run's record reads as stale
-            os.close(self._fd)  # closing drops the flock; the empty file stays (reused next time)
+            os.close(self._fd)  # closing drops the lock; the empty file stays (reused next time)
             self._fd = None
 
     def __enter__(self) -> "RunLock":
