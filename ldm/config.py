@@ -7,6 +7,7 @@ of the class it names, so `model.task.autoencoder.chh: 64` fails the same way.
 """
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import typing
 from dataclasses import dataclass, field
@@ -62,11 +63,11 @@ class TrainerConfig:
     lr_warmup_steps: int = 0  # linear warm-up from 0
     lr_schedule: LRSchedule = LRSchedule.constant  # constant | cosine (after warm-up)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    log_every: int = 10  # steps between scalar logs
+    log_every: int = 10  # steps between scalar logs (>= 1; the last step is always logged)
     eval_every: int = 500  # steps between held-out metrics / image grids (0 = only at the end)
     eval_batches: int = 4  # batches of the held-out set per evaluation
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
-    keep_last: int = 3  # checkpoints kept on disk
+    keep_last: int = 3  # checkpoints kept on disk (0 keeps all)
     resume: str = "latest"  # latest | never | PATH to a checkpoint directory
     seed: int = 0
     latent_stat_batches: int = 8  # stage 1: batches used to measure latent mean/std at the end
@@ -76,6 +77,7 @@ class TrainerConfig:
     trace: bool = False  # write run_dir/trace_rank<r>.txt: sample keys read + final weight checksum
     stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # checkpoint and stop
     requeue: bool = True  # under SLURM, a run stopped by a signal requeues its job (scontrol requeue)
+    max_bad_steps: int = 20  # consecutive steps with a non-finite loss/grad (each skipped) before the run stops
 
 
 @dataclass
@@ -149,8 +151,15 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return any(_type_ok(value, a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return value is None
-    if origin in (list, tuple, typing.Sequence, typing.Iterable) or annotation in (list, tuple):
-        return isinstance(value, (list, tuple, ListConfig))
+    sequences = (list, tuple, collections.abc.Sequence, collections.abc.Iterable)
+    if origin in sequences or annotation in sequences or annotation in (typing.Sequence, typing.Iterable):
+        # (typing.Sequence[int] has origin collections.abc.Sequence: `ch_mult: 5` must not pass as one)
+        if not isinstance(value, (list, tuple, ListConfig)):
+            return False
+        args = typing.get_args(annotation)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            args = args[:1]
+        return len(args) != 1 or all(_type_ok(v, args[0]) for v in value)
     if origin is dict or annotation is dict:
         return isinstance(value, (dict, DictConfig))
     if annotation is float:
@@ -160,6 +169,32 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     if annotation in (bool, str):
         return isinstance(value, annotation)
     return True  # classes, modules, callables: instantiate decides
+
+
+def check_trainer(cfg: Any) -> None:
+    """Values the schema's types allow but that make no sense (they used to crash after a step, exit 0
+    doing nothing, or divide by zero). Raises ConfigError naming the key."""
+    t = cfg.trainer
+    positive = {"max_steps": t.max_steps, "batch_size": t.batch_size, "log_every": t.log_every,
+                "ckpt_every": t.ckpt_every, "max_bad_steps": t.max_bad_steps, "eval_batches": t.eval_batches,
+                "latent_stat_batches": t.latent_stat_batches}
+    if t.micro_batch_size is not None:
+        positive["micro_batch_size"] = t.micro_batch_size
+    for key, value in positive.items():
+        if value < 1:
+            hint = {"log_every": " (logs are always written at the last step; a value >= max_steps logs only "
+                                 "there)",
+                    "ckpt_every": " (a checkpoint is always written at the end; a value >= max_steps saves only "
+                                  "there)"}.get(key, "")
+            raise ConfigError(f"trainer.{key}={value}: must be >= 1{hint}")
+    for key, zero in (("eval_every", "only at the end"), ("keep_last", "keep all"), ("lr_warmup_steps", "none")):
+        if t[key] < 0:
+            raise ConfigError(f"trainer.{key}={t[key]}: must be >= 0 (0 = {zero})")
+    if t.mixed_precision == Precision.fp16 and len(cfg.model.optim) > 1:
+        raise ConfigError(f"trainer.mixed_precision=fp16 with {len(cfg.model.optim)} optimizers "
+                          f"({', '.join(cfg.model.optim)}): Accelerate shares ONE GradScaler between them and updates "
+                          f"its scale once per optimizer step, so the loss scale of each is wrong; use bf16 (no loss "
+                          f"scaling needed) or no")
 
 
 def check_targets(node: Any, path: str = "model") -> None:

@@ -6,30 +6,40 @@
 
 Rerunning the same command resumes from the newest checkpoint in the run directory.
 """
+import os
+from contextlib import nullcontext
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from ldm.config import ConfigError, check_targets, register_configs
+from ldm.config import ConfigError, check_targets, check_trainer, register_configs
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:  # a wrong model key / type fails here, before any data or weights are touched
+    try:  # a wrong model key / type / value fails here, before any data or weights are touched
+        check_trainer(cfg)
         check_targets(cfg.model.task, "model.task")
     except ConfigError as e:
         raise SystemExit(f"[ldm] config error: {e}") from None
+    from ldm.errors import RunError
+    from ldm.training.lock import RunLock
     from ldm.training.loop import train  # imported here so `--cfg job` / `--help` stay instant
 
     hc = HydraConfig.get()
     if hc.mode is not None and hc.mode.name == "MULTIRUN":
         with open_dict(cfg):  # each sweep job trains in its own (deterministic) sweep sub-directory
             cfg.run_dir = hc.runtime.output_dir
+    # One live run per run directory. Only the launcher's rank 0 holds the lock: the ranks of one job
+    # must not refuse each other (RANK is set by accelerate launch / torchrun, absent for one process).
+    lock = RunLock(cfg.run_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
     try:
-        train(cfg)
-    except FileNotFoundError as e:  # missing shards / checkpoint / first stage: say what, no traceback
+        with lock:
+            train(cfg)
+    except (FileNotFoundError, RunError) as e:  # missing/bad files, divergence, data, lock: one line, no traceback
         raise SystemExit(f"[ldm] {e}") from None
 
 

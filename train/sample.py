@@ -84,13 +84,30 @@ def generate(task, items: list[dict], *, latent_size, batch_size: int, seed: int
     return torch.cat(out)
 
 
+def check_options(cfg) -> None:
+    """Options that fail late (or with a raw error) otherwise: checked before the model is loaded."""
+    from ldm.sampling import SAMPLERS
+
+    for key in ("repeats", "batch_size"):
+        if cfg[key] < 1:
+            raise SystemExit(f"[ldm] {key}={cfg[key]}: must be >= 1")
+    if cfg.sampler is not None and cfg.sampler not in SAMPLERS:
+        raise SystemExit(f"[ldm] sampler={cfg.sampler}: not a sampler; choose one of {', '.join(SAMPLERS)} "
+                         f"(or leave it unset for the model's default)")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg) -> None:
     from torchvision.utils import make_grid, save_image
 
+    from ldm.errors import RunError
     from ldm.training.runs import load_run
 
-    train_cfg, task, ckpt = load_run(Path(cfg.run_dir), cfg.checkpoint, cfg.use_ema)
+    check_options(cfg)
+    try:
+        train_cfg, task, ckpt = load_run(Path(cfg.run_dir), cfg.checkpoint, cfg.use_ema)
+    except (FileNotFoundError, RunError) as e:
+        raise SystemExit(f"[ldm] {e}") from None
     items = conditions(cfg)
     f = task.first_stage.downsample_factor
     latent_size = (train_cfg.data.image_size // f,) * 2

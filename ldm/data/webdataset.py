@@ -35,10 +35,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ldm.data.decode import SKIP_KINDS, SampleDecoder, SkipSample
+from ldm.errors import DataError
 
 log = logging.getLogger(__name__)
 
 WARN_FIRST, WARN_EVERY = 5, 1000  # per kind and worker: the first 5 warnings, then every 1000th
+# With resampling an epoch is a random draw of shards, so one empty epoch proves little: this many in a
+# row (each a full pass of draws that yielded no batch) is an error.
+EMPTY_RESAMPLED_EPOCHS = 100
 
 _REMOTE_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # pipe:, http://, s3://, file:, ...
 
@@ -96,12 +100,16 @@ class SkipCounter:
         self.worker = worker
         self.counts = dict.fromkeys(SKIP_KINDS, 0)
         self.muted = False  # while fast-forwarding: those faults are already in the saved counts
+        self.first: str | None = None  # the first reason met, for the "no usable sample" error
+        self.read = 0  # raw samples read in the current epoch (after any fast-forward)
 
     def skip(self, kind: str, url: str, key: str, detail: str) -> None:
         if self.muted:
             return
         self.counts[kind] += 1
         count = self.counts[kind]
+        if self.first is None:
+            self.first = f"{kind} in {url} key {key}: {detail}"
         if count <= WARN_FIRST or count % WARN_EVERY == 0:
             more = f" [{count} so far in worker {self.worker}; warnings rate-limited]" if count >= WARN_FIRST else ""
             log.warning("skipped sample (%s) shard=%s key=%s: %s%s", kind, url, key, detail, more)
@@ -148,8 +156,8 @@ def read_shard(url: str, counter: SkipCounter):
             raise tarfile.ReadError("archive is cut short (no end-of-archive blocks)")
         if previous is not None:
             yield previous
-    except Exception as exn:
-        message = exn.args[0] if exn.args else exn
+    except Exception as exn:  # (an OSError's args[0] is a bare errno: use its full text, which names the file)
+        message = exn.args[0] if exn.args and isinstance(exn.args[0], str) else exn
         counter.skip("shard_error", url, "-", f"{type(exn).__name__}: {message}")
     finally:
         if stream is not None:
@@ -267,8 +275,10 @@ class ShardStream(IterableDataset):
             if resuming and start.done[worker]:
                 continue  # its end of this epoch was already handed to the main process
             skip_samples, first_index = (start.samples[worker], start.consumed[worker]) if resuming else (0, 0)
+            counter.read = 0
             yield from self._epoch(epoch, worker, counter, skip_samples, first_index)
-            yield {"__end__": True, "__worker__": worker, "__epoch__": epoch, "__skipped__": dict(counter.counts)}
+            yield {"__end__": True, "__worker__": worker, "__epoch__": epoch, "__skipped__": dict(counter.counts),
+                   "__read__": counter.read, "__first__": counter.first}
 
     def _epoch(self, epoch, worker, counter, skip_samples, first_index):
         raw = self.raw_samples(epoch, worker, counter)
@@ -280,6 +290,7 @@ class ShardStream(IterableDataset):
         position, index, pending = skip_samples, first_index, []
         for sample in raw:
             position += 1
+            counter.read += 1
             try:
                 pending.append(self.decoder(sample))
             except SkipSample as skip:
@@ -374,8 +385,16 @@ class ResumableLoader:
         else:
             source = iter(self.stream)
         queues = [collections.deque() for _ in range(self.slots)]
+        # A whole pass that yields no batch would repeat forever (a hang with a warning every few ms):
+        # count batches and raw samples per pass begun from its start, and stop with what went wrong.
+        fresh = not (any(position.done) or any(position.consumed) or any(position.samples))
+        batches, read, first, empty_passes = 0, 0, None, 0
         while True:
             if all(position.done):  # every worker ended this epoch: the next one starts at worker 0
+                empty_passes = empty_passes + 1 if fresh and batches == 0 else 0
+                if empty_passes and (not self.stream.resample or empty_passes >= EMPTY_RESAMPLED_EPOCHS):
+                    raise DataError(self._no_progress(position.epoch, read, first))
+                fresh, batches, read, first = True, 0, 0, None
                 self._position = position = Position.start_of(position.epoch + 1, self.slots)
                 if self.stream.final_epoch is not None and position.epoch >= self.stream.final_epoch:
                     return
@@ -394,11 +413,23 @@ class ResumableLoader:
                 raise RuntimeError(f"data worker {worker} is out of step with epoch {position.epoch}")
             if item.pop("__end__", False):
                 position.done[worker] = True
+                read += item["__read__"]
+                first = first or item["__first__"]
                 continue
             position.consumed[worker] = item.pop("__index__") + 1
             position.samples[worker] = item.pop("__samples__")
             del item["__worker__"]
+            batches += 1
             yield item
+
+    def _no_progress(self, epoch: int, read: int, first: str | None) -> str:
+        skipped = {k: n for k, n in self.skipped.items() if n}
+        stream = self.stream
+        message = (f"no usable sample in a whole pass over {len(stream.urls)} shard(s) (rank {stream.rank}, epoch "
+                   f"{epoch}): read {read} sample(s), skipped {skipped or 'none'}; first reason: {first or 'none'}")
+        if read > sum(skipped.values()):
+            message += f"; the usable samples make no full batch of {stream.batch_size} per data worker"
+        return message + " (check data.shards, data.caption_field, data.label_field)"
 
 
 def build_loader(urls, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,

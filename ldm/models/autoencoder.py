@@ -130,6 +130,7 @@ def save_autoencoder(model: nn.Module, path: str | os.PathLike, config: Mapping[
 
     `sample_posterior` records which latents the decoder was trained on (KL posterior samples, or the
     posterior mean); `load_autoencoder` sets it on the model so stage 2 encodes the same way."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     if hasattr(config, "_metadata"):  # an OmegaConf DictConfig: resolve interpolations first
@@ -138,12 +139,29 @@ def save_autoencoder(model: nn.Module, path: str | os.PathLike, config: Mapping[
     if "_target_" not in config:
         raise ValueError(f"save_autoencoder: config needs a `_target_` key naming the class, got keys {sorted(config)}")
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # e.g. scale_factor NaN after a diverged run: stage 2 would train on NaN latents
+        from ldm.errors import NonFiniteError
+
+        kept = "the existing file is untouched" if os.path.exists(path) else "no file was written"
+        raise NonFiniteError(f"refusing to write {path}: non-finite values in {bad[:5]}; {kept}")
     tmp = f"{path}.tmp"
     metadata = {CONFIG_METADATA_KEY: json.dumps(dict(config)), SAMPLE_METADATA_KEY: json.dumps(bool(sample_posterior)),
                 "format": "pt"}
-    save_file(state, tmp, metadata=metadata)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written autoencoder behind
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_file(state, tmp, metadata=metadata)
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written autoencoder behind
+    except (OSError, SafetensorError) as e:  # disk full, permissions: say where, and that the old file is intact
+        from ldm.errors import CheckpointWriteError
+
+        if os.path.exists(tmp):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        kept = "the existing file is untouched" if os.path.exists(path) else "no file was written"
+        raise CheckpointWriteError(f"could not write {path} ({type(e).__name__}: {e}); {kept}") from None
 
 
 def _read_metadata(path: str) -> dict[str, str]:
@@ -160,22 +178,54 @@ def _read_metadata(path: str) -> dict[str, str]:
     return metadata
 
 
+# The only classes an autoencoder file may name. Checked BEFORE anything is built: the metadata is
+# untrusted input, and instantiating an arbitrary `_target_` (e.g. builtins.open) runs code.
+AUTOENCODER_CLASSES = {"ldm.models.autoencoder.AutoencoderKL": AutoencoderKL,
+                       "ldm.models.autoencoder.VQModel": VQModel}
+
+
+def _plain(value: Any) -> bool:
+    """JSON data with no nested instantiation keys (`_target_`, `_partial_`, ...)."""
+    if isinstance(value, dict):
+        return all(not str(k).startswith("_") and _plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def build_from_config(config: Any, path: str) -> nn.Module:
+    """The autoencoder a file's metadata config describes, if (and only if) it names an allowed class
+    with plain arguments; a ValueError naming `path` otherwise."""
+    target = config.get("_target_") if isinstance(config, dict) else None
+    if target not in AUTOENCODER_CLASSES:
+        raise ValueError(f"{path}: its metadata names `_target_` {target!r}, which is not an autoencoder class "
+                         f"(allowed: {', '.join(AUTOENCODER_CLASSES)}); nothing was built. {HOW_TO_GET_ONE}")
+    params = {k: v for k, v in config.items() if k != "_target_"}
+    if not _plain(params):
+        raise ValueError(f"{path}: the autoencoder config in its metadata has nested `_…_` keys or non-JSON "
+                         f"values; only plain arguments are accepted, nothing was built")
+    try:
+        return AUTOENCODER_CLASSES[target](**params)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its metadata config does not build {target} ({e})") from None
+
+
 def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the autoencoder from the config in `path`'s metadata and load its weights strictly.
 
-    Every key and shape is checked before anything is copied, so an error never leaves a
-    partially loaded model."""
-    from hydra.utils import instantiate
+    The config may only name a class of AUTOENCODER_CLASSES (checked before anything is built); every
+    key and shape is checked before anything is copied, so an error never leaves a partially loaded model."""
     from safetensors.torch import load_file
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no autoencoder checkpoint at {path}; {HOW_TO_GET_ONE}")
     metadata = _read_metadata(path)
-    config = json.loads(metadata[CONFIG_METADATA_KEY])
-    model = instantiate(config)
-    if not isinstance(model, _LatentAutoencoder):
-        raise ValueError(f"{path}: config `_target_` {config.get('_target_')} is not an autoencoder")
+    try:
+        config = json.loads(metadata[CONFIG_METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the autoencoder config in its metadata is not JSON ({e})") from None
+    model = build_from_config(config, path)
     state = load_file(path, device=str(map_location))
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

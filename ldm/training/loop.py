@@ -18,6 +18,7 @@ from ldm.ema import EMA
 from ldm.tasks.base import RunContext
 from ldm.training.build import (build_accelerator, build_eval_loader, build_optimizers, build_scheduler,
                                 build_task, build_train_loader, save_config)
+from ldm.training.guard import StepGuard
 from ldm.training.parallel import parallelize
 from ldm.training.preemption import StopRequest, requeue_slurm_job
 from ldm.training.tracking import CSVLog, init_tracking, log_images
@@ -123,9 +124,12 @@ def train(cfg) -> Path:
     bar = tqdm(total=cfg.trainer.max_steps, initial=step, disable=not (cfg.trainer.progress and
                                                                        accelerator.is_main_process), dynamic_ncols=True)
     clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
+    guard = StepGuard(cfg.trainer.max_bad_steps, lambda t: accelerator.reduce(t, "sum"), accelerator.is_main_process,
+                      task)
     tick, seen = time.perf_counter(), 0
     # The stop decision is all-reduced after every step, so all ranks leave the loop at the same step.
     while step < cfg.trainer.max_steps and not stop.agreed():
+        skip = False
         for micro_step in range(accum):
             # The random draws of each micro-batch (noise, timesteps, condition dropout) come from a seed of
             # (seed, its index in the global batch stream): a run's randomness does not depend on how many
@@ -138,15 +142,18 @@ def train(cfg) -> Path:
                 if accelerator.sync_gradients:
                     accelerator.unscale_gradients()
                     norms = {k: torch.nn.utils.clip_grad_norm_(ps, clip) for k, ps in groups.items()}
+                    norms = {k: _full(n) for k, n in norms.items()}  # FSDP: DTensor -> tensor
+                    skip = guard.skip(loss, norms, step + 1)  # NaN/Inf: same decision on every rank
                 for opt in opts.values():
-                    opt.step()
+                    if not skip or accelerator.scaler is not None:  # fp16: the scaler skips it, and must see it
+                        opt.step()
                     opt.zero_grad(set_to_none=True)
             seen += len(batch["image"])
             if trace:
                 trace.write("".join(f"{step} {k}\n" for k in batch["key"]))
         for s in schedulers.values():
             s.step()
-        if ema is not None:
+        if ema is not None and not skip:
             ema.update(ema_target)
         step += 1
         bar.update(1)
@@ -157,6 +164,7 @@ def train(cfg) -> Path:
             values.update({f"grad_norm/{k}": _scalar(v) for k, v in norms.items()})
             values.update({f"lr/{k}": s.get_last_lr()[0] for k, s in schedulers.items()})
             values["train/img_per_s"] = seen * world / elapsed
+            values["train/skipped_steps"] = guard.skipped
             values.update({f"data/skipped_{k}": v for k, v in loader.skipped.items()})
             bar.set_postfix(loss=f"{values.get('train/loss', float('nan')):.4f}", img_s=f"{values['train/img_per_s']:.1f}")
             accelerator.log(values, step=step)
