@@ -8,8 +8,9 @@
 
 Key maps: ldm/convert/keymap.py; architectures: ldm/convert/arch.py; docs/convert.md.
 """
-from ldm.convert.load import (CheckpointMismatchError, load_autoencoder, load_first_stage, load_unet,
+from ldm.convert.export import export_run, export_task
+from ldm.convert.load import (CheckpointMismatchError, apply_init_from, load_autoencoder, load_first_stage, load_unet,
                               read_unet_weights, read_vae_weights)
 
-__all__ = ["CheckpointMismatchError", "load_autoencoder", "load_first_stage", "load_unet", "read_unet_weights",
-           "read_vae_weights"]
+__all__ = ["CheckpointMismatchError", "apply_init_from", "export_run", "export_task", "load_autoencoder",
+           "load_first_stage", "load_unet", "read_unet_weights", "read_vae_weights"]

@@ -223,24 +223,47 @@ def load_first_stage(path: str | os.PathLike) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool, where: str,
-                 skip: tuple[str, ...] = ()) -> None:
-    """Load `state` into `model`; with `strict`, any missing / unexpected / mis-shaped key is ONE error listing
-    them all, raised before anything is copied. Without it, the matching tensors load and a warning says
-    what did not."""
+def check_state(model: nn.Module, state: Mapping[str, torch.Tensor], where: str,
+                skip: tuple[str, ...] = ()) -> tuple[str, set[str]]:
+    """(report of missing / unexpected / mis-shaped keys, "" when none; the names that must not be copied)."""
     expected = {k: v.shape for k, v in model.state_dict().items() if k not in skip}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
                         for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
-    problems = mismatch_report(missing, unexpected, mismatched)
+    return mismatch_report(missing, unexpected, mismatched), set(unexpected) | {m.split(":")[0] for m in mismatched}
+
+
+def load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool, where: str,
+                 skip: tuple[str, ...] = ()) -> None:
+    """Load `state` into `model`; with `strict`, any missing / unexpected / mis-shaped key is ONE error listing
+    them all, raised before anything is copied. Without it, the matching tensors load and a warning says
+    what did not."""
+    problems, bad = check_state(model, state, where, skip)
     if problems and strict:
         raise CheckpointMismatchError(f"{where} does not fit {type(model).__name__}: {problems}. Nothing was loaded "
                                       "(pass strict=False to load the matching tensors only)")
-    bad = {m.split(":")[0] for m in mismatched}
-    model.load_state_dict({k: v for k, v in state.items() if k in expected and k not in bad}, strict=False)
+    model.load_state_dict({k: v for k, v in state.items() if k not in bad}, strict=False)
     if problems:
         warnings.warn(f"partial load of {where} into {type(model).__name__}: {problems}", stacklevel=2)
+
+
+def apply_init_from(task: nn.Module, path: str | os.PathLike) -> None:
+    """`model.init_from=PATH`: start stage 2 from a pretrained UNet (fine-tuning SD-v1/v2), strictly.
+
+    The UNet gets the file's raw weights (`model.diffusion_model.*` / `unet/`); EMA weights (`model_ema.*` /
+    `unet_ema/`), when present, are left on `task.pretrained_ema` for the training loop to start its EMA from.
+    (With `ema.warmup` the EMA follows the raw weights within a few steps anyway.) A resumed run then replaces
+    both with its checkpoint's."""
+    state, ema, _ = read_unet_weights(path)
+    where = f"model.init_from={path}"
+    load_checked(task.unet, state, True, where)
+    if ema is not None:
+        problems, _ = check_state(task.unet, ema, where)
+        if problems:
+            raise CheckpointMismatchError(f"{where}: its EMA weights do not fit the UNet: {problems}")
+        task.pretrained_ema = ema
+    print(f"[ldm] UNet initialised from {path}" + (" (EMA weights found: the EMA starts from them)" if ema else ""))
 
 
 def mismatch_report(missing: list[str], unexpected: list[str], mismatched: list[str], limit: int = 20) -> str:
