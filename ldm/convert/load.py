@@ -121,13 +121,8 @@ def read_unet_weights(path: str | os.PathLike) -> tuple[dict, dict | None, dict 
         raise CheckpointMismatchError(f"{path} holds no UNet: no '{UNET_PREFIX}input_blocks.0.0.weight' (CompVis/"
                                       f"Stability) nor a bare 'input_blocks.0.0.weight'; keys start {sorted(full)[:3]}")
     ema = None
-    if any(k.startswith("model_ema.") for k in full):
-        names = {name: keymap.compvis_ema_key(name) for name in state}
-        absent = [f for f in names.values() if f not in full]
-        if absent:
-            raise CheckpointMismatchError(f"{path}: the EMA (model_ema.*) lacks {len(absent)} of the UNet's "
-                                          f"{len(names)} parameters, e.g. {absent[:5]}")
-        ema = {name: full[key] for name, key in names.items()}
+    if any(k.startswith("model_ema.") for k in full):  # completeness is checked against the model when used
+        ema = {name: full[key] for name in state if (key := keymap.compvis_ema_key(name)) in full}
     return state, ema, None
 
 
@@ -206,7 +201,7 @@ def load_autoencoder(path: str | os.PathLike, strict: bool = True, config: Mappi
 def load_first_stage(path: str | os.PathLike) -> nn.Module:
     """`model.first_stage.ckpt`: our `autoencoder.safetensors` (config in its metadata, KL or VQ), a
     CompVis/Stability file (SD VAE inside `first_stage_model.*`, or stand-alone), or a diffusers folder."""
-    from ldm.models.autoencoder import CONFIG_METADATA_KEY
+    from ldm.models.autoencoder import CONFIG_METADATA_KEY, HOW_TO_GET_ONE
     from ldm.models.autoencoder import load_autoencoder as load_ours
 
     path = os.fspath(path)
@@ -217,8 +212,8 @@ def load_first_stage(path: str | os.PathLike) -> nn.Module:
             if CONFIG_METADATA_KEY in (f.metadata() or {}):
                 return load_ours(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no first-stage autoencoder at {path}: give our autoencoder.safetensors, an SD "
-                                "checkpoint (.safetensors/.ckpt) or a diffusers folder")
+        raise FileNotFoundError(f"no first-stage autoencoder at {path}: give our autoencoder.safetensors "
+                                f"({HOW_TO_GET_ONE}), an SD checkpoint (.safetensors/.ckpt) or a diffusers folder")
     return load_autoencoder(path)
 
 

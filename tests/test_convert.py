@@ -1,0 +1,274 @@
+"""ldm.convert: CompVis/diffusers weights in and out (issue 11).
+
+References: diffusers' own `UNet2DConditionModel` / `AutoencoderKL` (random weights, reduced width) and its own
+single-file converter (`convert_ldm_unet_checkpoint`), plus full-size SD key sets built on the meta device.
+"""
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm.convert import (CheckpointMismatchError, load_autoencoder, load_first_stage, load_unet, read_unet_weights,
+                         read_vae_weights)
+from ldm.convert import arch as archs
+from ldm.convert import keymap
+from ldm.convert.export import unet_to_diffusers, vae_to_diffusers
+from ldm.models.unet import UNetModel
+
+diffusers = pytest.importorskip("diffusers")
+
+CONTEXT_DIM = 24
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 cross_attention_dim=CONTEXT_DIM, norm_num_groups=8)
+LAYOUTS = {  # SD-v1: one head count, 1x1-conv projections; SD-2: per-level heads of one width, linear projections
+    "sd_v1": dict(attention_head_dim=2),
+    "sd_v2": dict(attention_head_dim=[2, 4, 4], use_linear_projection=True),
+}
+# What a single file cannot say (ldm/convert/arch.py): the head split and the GroupNorm group count.
+SINGLE_FILE_CONFIG = {"sd_v1": {"num_heads": 2, "norm_groups": 8}, "sd_v2": {"num_head_channels": 16, "norm_groups": 8}}
+TINY_VAE = dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32, latent_channels=4, sample_size=16,
+                scaling_factor=0.3)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights everywhere (diffusers zero-initialises output convs, which would hide mapping errors);
+    scaled by fan-in so activations stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim > 1:
+                p.copy_(noise / p[0].numel() ** 0.5)
+            else:  # norm scales around 1, biases around 0
+                p.copy_(0.1 * noise + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return model.eval()
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def unet_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]),
+            torch.randn(2, 5, CONTEXT_DIM, generator=g))
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def unet_sources(request, tmp_path_factory):
+    """A random diffusers UNet saved as a diffusers folder, and as CompVis single files (.safetensors and a
+    Lightning-style .ckpt) holding the UNet, a distinct EMA, and a VAE beside it."""
+    layout = request.param
+    root = tmp_path_factory.mktemp(layout)
+    reference = randomize(diffusers.UNet2DConditionModel(**TINY_UNET, **LAYOUTS[layout]), seed=1)
+    reference.save_pretrained(root / "diffusers" / "unet")
+    ours, _, _ = read_unet_weights(root / "diffusers")
+    ema = {k: v * 0.5 for k, v in ours.items()}
+    full = {"model.diffusion_model." + k: v for k, v in ours.items()}
+    full.update({keymap.compvis_ema_key(k): v for k, v in ema.items()})
+    full.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(10)})
+    full["first_stage_model.encoder.conv_in.weight"] = torch.zeros(8, 3, 3, 3)  # other parts are left alone
+    save_file(full, str(root / "model.safetensors"))
+    torch.save({"state_dict": full, "global_step": 10}, root / "model.ckpt")
+    return dict(layout=layout, root=root, reference=reference, ema=ema)
+
+
+@pytest.fixture(scope="module")
+def vae_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vae")
+    reference = randomize(diffusers.AutoencoderKL(**TINY_VAE), seed=2)
+    reference.save_pretrained(root / "diffusers" / "vae")
+    ours, _, _ = read_vae_weights(root / "diffusers")
+    save_file({"first_stage_model." + k: v for k, v in ours.items()}, str(root / "sd.safetensors"))
+    # A stand-alone CompVis VAE file: bare keys plus its training loss, which is skipped.
+    torch.save({"state_dict": {**ours, "loss.logvar": torch.zeros(())}}, root / "vae.ckpt")
+    return dict(root=root, reference=reference)
+
+
+# ------------------------------------------------------------------------------------------ key maps
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_full_size_sd_unet_key_map_is_a_bijection(layout):
+    """Our SD-v1 / SD-2 UNets (859,520,964 / 865,910,724 parameters) against diffusers' at full size, built
+    on the meta device: every name maps, the shapes agree, and the inverse map returns the name."""
+    v2 = layout == "sd_v2"
+    ours_kwargs = dict(in_channels=4, out_channels=4, model_channels=320, num_res_blocks=2,
+                       attention_resolutions=[1, 2, 4], channel_mult=[1, 2, 4, 4], context_dim=1024 if v2 else 768,
+                       use_linear_in_transformer=v2, **({"num_head_channels": 64} if v2 else {"num_heads": 8}))
+    theirs_kwargs = dict(cross_attention_dim=1024 if v2 else 768, use_linear_projection=v2,
+                         attention_head_dim=[5, 10, 20, 20] if v2 else 8)
+    with torch.device("meta"):
+        ours = {k: v.shape for k, v in UNetModel(**ours_kwargs).state_dict().items()}
+        theirs = {k: v.shape for k, v in diffusers.UNet2DConditionModel(**theirs_kwargs).state_dict().items()}
+    mapped = {keymap.unet_key_to_diffusers(k, 2): shape for k, shape in ours.items()}
+    assert mapped == theirs
+    up_attention = [False, True, True, True]
+    assert {keymap.unet_key_from_diffusers(k, 2, lambda _, u: up_attention[u]) for k in theirs} == set(ours)
+    # The architecture read back from the shapes is the one we built (heads by Stability's convention).
+    inferred = archs.infer_unet_arch({k: torch.empty(s, device="meta") for k, s in ours.items()})
+    assert {k: inferred[k] for k in ours_kwargs} == ours_kwargs
+    assert archs.unet_arch_from_diffusers(archs.diffusers_unet_config(ours_kwargs)) == {
+        **ours_kwargs, "num_heads": ours_kwargs.get("num_heads", -1),
+        "num_head_channels": ours_kwargs.get("num_head_channels", -1), "transformer_depth": 1,
+        "use_scale_shift_norm": False, "norm_groups": 32}
+    assert sum(s.numel() for s in ours.values()) == (865_910_724 if v2 else 859_520_964)
+
+
+def test_full_size_sd_vae_key_map_is_a_bijection():
+    from ldm.models.autoencoder import AutoencoderKL
+
+    with torch.device("meta"):
+        ours = AutoencoderKL(embed_dim=4, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4).state_dict()
+        theirs = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                         down_block_types=("DownEncoderBlock2D",) * 4,
+                                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256).state_dict()
+    weights = {k: v for k, v in ours.items() if k not in ("scale_factor", "latent_mean", "latent_std")}
+    mapped = keymap.rename_state(weights, lambda k: keymap.vae_key_to_diffusers(k, 4), keymap.vae_tensor_to_diffusers)
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in theirs.items()}
+    assert {keymap.vae_key_from_diffusers(k, 4) for k in theirs} == set(weights)
+    assert sum(v.numel() for v in weights.values()) == 83_653_863
+
+
+def test_our_compvis_names_match_diffusers_own_converter(unet_sources, vae_sources):
+    """diffusers' single-file converter (an independent CompVis -> diffusers map) turns our CompVis-named
+    files back into exactly the reference weights."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from safetensors.torch import load_file
+
+    full = load_file(unet_sources["root"] / "model.safetensors")
+    config = dict(unet_sources["reference"].config)
+    converted = convert_ldm_unet_checkpoint({k: v for k, v in full.items() if not k.startswith("model_ema")}, config)
+    expected = unet_sources["reference"].state_dict()
+    assert converted.keys() == expected.keys()
+    assert all(torch.equal(converted[k], expected[k]) for k in expected)
+    vae = load_file(vae_sources["root"] / "sd.safetensors")
+    converted = convert_ldm_vae_checkpoint(vae, dict(vae_sources["reference"].config))
+    expected = vae_sources["reference"].state_dict()
+    assert converted.keys() == expected.keys()
+    assert all(torch.equal(converted[k].reshape(expected[k].shape), expected[k]) for k in expected)
+
+
+# -------------------------------------------------------------------------------------- parity (UNet)
+@pytest.mark.parametrize("source", ["diffusers", "model.safetensors", "model.ckpt"])
+def test_unet_parity(unet_sources, source):
+    path = unet_sources["root"] / source
+    config = SINGLE_FILE_CONFIG[unet_sources["layout"]] if source != "diffusers" else None
+    ours = load_unet(path, config=config)
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        expected = unet_sources["reference"](x, t, context).sample
+        got = ours(x, t, context)
+    assert rel_error(got, expected) <= 1e-5
+    assert expected.std() > 0.1  # random weights everywhere: a real comparison, not of zeros
+
+
+@pytest.mark.parametrize("source", ["model.safetensors", "model.ckpt"])
+def test_unet_ema_weights_from_compvis_file(unet_sources, source):
+    """`model_ema.diffusion_modelinput_blocks00weight` etc. (LitEma drops the dots) load with ema=True."""
+    ours = load_unet(unet_sources["root"] / source, ema=True, config=SINGLE_FILE_CONFIG[unet_sources["layout"]])
+    state = ours.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in unet_sources["ema"].items())
+    with pytest.raises(CheckpointMismatchError, match="no EMA"):
+        load_unet(unet_sources["root"] / "diffusers", ema=True)
+
+
+# --------------------------------------------------------------------------------------- parity (VAE)
+@pytest.mark.parametrize("source, scale", [("diffusers", 0.3), ("sd.safetensors", 0.18215), ("vae.ckpt", 0.18215)])
+def test_vae_parity_and_scale_factor(vae_sources, source, scale):
+    ours = load_autoencoder(vae_sources["root"] / source)
+    reference = vae_sources["reference"]
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        posterior = reference.encode(x).latent_dist
+        assert rel_error(ours.encode_latent(x, sample=False), posterior.mean) <= 1e-5
+        assert rel_error(ours.posterior(x).logvar, posterior.logvar) <= 1e-5
+        assert rel_error(ours.decode(posterior.mean), reference.decode(posterior.mean).sample) <= 1e-5
+    assert ours.scale_factor.item() == pytest.approx(scale)
+    assert load_first_stage(vae_sources["root"] / source).scale_factor.item() == pytest.approx(scale)
+
+
+def test_compvis_scale_factor_buffer_is_used(vae_sources, tmp_path):
+    ours, _, _ = read_vae_weights(vae_sources["root"] / "diffusers")
+    save_file({**{"first_stage_model." + k: v for k, v in ours.items()}, "scale_factor": torch.tensor(0.25)},
+              str(tmp_path / "ldm.safetensors"))
+    assert load_autoencoder(tmp_path / "ldm.safetensors").scale_factor.item() == pytest.approx(0.25)
+
+
+# ------------------------------------------------------------------------------ round trip and export
+def test_round_trip_ours_to_diffusers_folder_is_bit_identical(tmp_path):
+    """Our UNet/VAE -> diffusers folder -> ours: the same tensors, bit for bit; diffusers loads the folder and
+    computes what we compute."""
+    from ldm.convert.export import _write_model
+    from ldm.models.autoencoder import AutoencoderKL
+
+    unet = randomize(UNetModel(4, 4, 32, 1, [1, 2], [1, 2], num_head_channels=16, context_dim=CONTEXT_DIM,
+                               use_linear_in_transformer=True, norm_groups=8, transformer_depth=2), seed=3)
+    vae = randomize(AutoencoderKL(embed_dim=4, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, norm_groups=8),
+                    seed=4)
+    vae.scale_factor.fill_(0.4)
+    _write_model(tmp_path / "unet", *unet_to_diffusers(unet, sample_size=8))
+    _write_model(tmp_path / "vae", *vae_to_diffusers(vae))
+    unet_back, vae_back = load_unet(tmp_path), load_autoencoder(tmp_path)
+    for a, b in ((unet, unet_back), (vae, vae_back)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa if k not in ("latent_mean", "latent_std"))
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        assert rel_error(unet(x, t, context), theirs(x, t, context).sample) <= 1e-5
+    their_vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert their_vae.config.scaling_factor == pytest.approx(0.4)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_mismatched_keys_are_one_error_and_strict_false_loads_the_rest(unet_sources, tmp_path):
+    from safetensors.torch import load_file
+
+    full = load_file(unet_sources["root"] / "model.safetensors")
+    full.pop("model.diffusion_model.out.2.bias")
+    full["model.diffusion_model.bogus.weight"] = torch.zeros(3)
+    full["model.diffusion_model.out.0.weight"] = torch.zeros(7)
+    save_file(full, str(tmp_path / "bad.safetensors"))
+    heads = SINGLE_FILE_CONFIG[unet_sources["layout"]]
+    with pytest.raises(CheckpointMismatchError) as error:
+        load_unet(tmp_path / "bad.safetensors", config=heads)
+    message = str(error.value)
+    for expected in ("1 missing: out.2.bias", "1 unexpected: bogus.weight", "out.0.weight: file (7,) vs model (32,)",
+                     "strict=False", "bad.safetensors"):
+        assert expected in message
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        partial = load_unet(tmp_path / "bad.safetensors", strict=False, config=heads)
+    assert any("partial load" in str(w.message) for w in caught)
+    good = load_unet(unet_sources["root"] / "model.safetensors", config=heads)
+    assert torch.equal(partial.state_dict()["input_blocks.0.0.weight"], good.state_dict()["input_blocks.0.0.weight"])
+
+
+class Payload:  # stands for any object a malicious or Lightning-bloated .ckpt carries
+    pass
+
+
+def test_pickles_are_read_with_weights_only(tmp_path):
+    torch.save({"state_dict": {"input_blocks.0.0.weight": torch.zeros(1)}, "callbacks": Payload()},
+               tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="weights_only=True"):
+        load_unet(tmp_path / "evil.ckpt")
+
+
+def test_wrong_sources_say_what_they_are(tmp_path, vae_sources):
+    with pytest.raises(CheckpointMismatchError, match="holds no UNet"):
+        load_unet(vae_sources["root"] / "sd.safetensors")
+    with pytest.raises(FileNotFoundError, match="without a diffusers UNet"):
+        load_unet(vae_sources["root"] / "diffusers")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
+                                                               "time_embedding_type": "fourier"}))
+    with pytest.raises(archs.ArchitectureError, match="time_embedding_type='fourier'"):
+        load_unet(tmp_path)
+    with pytest.raises(archs.ArchitectureError, match="channel_mult"):
+        archs.diffusers_unet_config(dict(channel_mult=[2, 4], model_channels=8, context_dim=8))
