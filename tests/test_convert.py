@@ -272,3 +272,45 @@ def test_wrong_sources_say_what_they_are(tmp_path, vae_sources):
         load_unet(tmp_path)
     with pytest.raises(archs.ArchitectureError, match="channel_mult"):
         archs.diffusers_unet_config(dict(channel_mult=[2, 4], model_channels=8, context_dim=8))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' own numpy-2 warning in set_timesteps
+@pytest.mark.parametrize("sampler, parameterization, schedule", [
+    ("ddim", "eps", {"kind": "scaled_linear", "beta_start": 0.0015, "beta_end": 0.0195}),
+    ("ddim", "v", {"kind": "scaled_linear", "zero_terminal_snr": True}),
+    ("ddim", "eps", {"kind": "cosine"}),
+    ("dpmpp_2m", "v", {"kind": "linear"}),
+])
+def test_exported_scheduler_samples_like_ours(sampler, parameterization, schedule):
+    """The scheduler config the export writes makes diffusers take our sampler's steps."""
+    from ldm.convert.export import scheduler_config
+    from ldm.diffusion.schedule import NoiseSchedule
+    from ldm.sampling import SAMPLERS
+
+    config = scheduler_config(schedule, parameterization, sampler)
+    reference = getattr(diffusers, config["_class_name"]).from_config(config)
+    reference.set_timesteps(20)
+    ours_schedule = NoiseSchedule.from_config(schedule)
+    torch.testing.assert_close(reference.betas, ours_schedule.betas, rtol=2e-4, atol=1e-7)  # float32 cumprod
+
+    def model_fn(x, t):  # changes fast with t, so every step's coefficients matter
+        phase = t.to(x.dtype).view(-1, 1, 1, 1)
+        return torch.tanh(x) * torch.cos(phase / 70) + 0.3 * torch.sin(phase / 37)
+
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = x_T.clone()
+    for t in reference.timesteps:
+        x = reference.step(model_fn(x, t.repeat(2)), t, x).prev_sample
+    ours = SAMPLERS[sampler](model_fn, x_T, ours_schedule, steps=20, parameterization=parameterization)
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+def test_what_diffusers_cannot_express_is_a_clear_error():
+    from ldm.models.autoencoder import VQModel
+
+    self_attention = UNetModel(4, 4, 32, 1, [1], [1, 2], num_heads=2, norm_groups=8)  # ldm_uncond's kind
+    with pytest.raises(archs.ArchitectureError, match="cross-attention"):
+        unet_to_diffusers(self_attention)
+    vq = VQModel(n_embed=16, embed_dim=4, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, norm_groups=8)
+    with pytest.raises(archs.ArchitectureError, match="KL autoencoder"):
+        vae_to_diffusers(vq)

@@ -67,7 +67,8 @@ def scheduler_config(schedule: Mapping[str, Any], parameterization: str, sampler
               "num_train_timesteps": schedule.get("num_timesteps", 1000),
               "beta_start": schedule.get("beta_start") or start, "beta_end": schedule.get("beta_end") or end,
               "beta_schedule": BETA_SCHEDULES[kind], "prediction_type": PREDICTION_TYPES[parameterization],
-              "timestep_spacing": "trailing", "steps_offset": 0, "trained_betas": None}
+              # steps_offset only shifts "leading" spacing; 1 keeps diffusers from warning that the config is old.
+              "timestep_spacing": "trailing", "steps_offset": 1, "trained_betas": None}
     if class_name == "PNDMScheduler":
         if zero_snr:
             raise ValueError("diffusers' PNDMScheduler has no zero-terminal-SNR option; export with sampler=ddim")
