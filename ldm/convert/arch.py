@@ -82,9 +82,11 @@ def unet_heads(arch: Mapping[str, Any], channels: int) -> int:
 def unet_arch_from_model(unet: nn.Module) -> dict[str, Any]:
     """Our UNet's constructor arguments, read from the module itself (for export)."""
     from ldm.modules.attention import SpatialTransformer
+    from ldm.modules.unet_blocks import AttentionBlock
 
-    transformers = [m for m in unet.modules() if isinstance(m, SpatialTransformer)]
-    split = {(m.norm.num_channels, m.transformer_blocks[0].attn1.heads) for m in transformers}
+    split = {(m.norm.num_channels, m.transformer_blocks[0].attn1.heads) for m in unet.modules()
+             if isinstance(m, SpatialTransformer)}
+    split |= {(m.norm.num_channels, m.num_heads) for m in unet.modules() if isinstance(m, AttentionBlock)}
     if len({heads for _, heads in split}) == 1:
         heads = {"num_heads": next(iter(split))[1]}
     elif len({ch // h for ch, h in split}) == 1:
