@@ -154,3 +154,40 @@ def test_finetune_export_and_sample_in_diffusers(tiny_sd, shapes_shards, tmp_pat
     torch.testing.assert_close(pipe.scheduler.betas, task.schedule.betas, rtol=1e-6, atol=1e-9)
     assert all(torch.equal(v, tiny_sd["ema"][k]) for k, v in namespace["unet"].state_dict().items())
     assert namespace["vae"].scale_factor.item() == pytest.approx(0.18215)
+
+
+def test_export_of_our_own_txt2img_run(shapes_shards, tmp_path):
+    """A run with our jointly trained text encoder exports UNet, VAE and scheduler (no pipeline index); diffusers'
+    UNet from the folder computes what the run's EMA UNet computes. A stage-1 run, or an existing output
+    folder, is refused without writing anything."""
+    from ldm.convert import export_run
+    from ldm.training.loop import train
+    from ldm.training.runs import load_run
+
+    data = ["data=shapes", f"data.shards='{shapes_shards['train']}'", f"data.val_shards='{shapes_shards['val']}'",
+            "data.image_size=32", "data.num_workers=1", "data.shuffle_buffer=16", "trainer=debug",
+            "trainer.max_steps=2", "logger=none"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        ae_cfg = compose("train", overrides=["model=autoencoder_kl_tiny", *data, f"run_dir={tmp_path / 'ae'}",
+                                             "++model.task.loss.perceptual_weight=0"])
+        ldm_cfg = compose("train", overrides=["model=ldm_txt2img_tiny", *data, f"run_dir={tmp_path / 'ldm'}",
+                                              f"model.first_stage.ckpt={tmp_path / 'ae/autoencoder.safetensors'}"])
+    train(ae_cfg)
+    train(ldm_cfg)
+    out = export_run(tmp_path / "ldm", tmp_path / "out")
+    assert {p.name for p in out.iterdir()} == {"unet", "vae", "scheduler"}
+    _, task, _ = load_run(tmp_path / "ldm")  # EMA weights, as exported
+    unet = diffusers.UNet2DConditionModel.from_pretrained(out / "unet").eval()
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 64, generator=g)
+    t = torch.tensor([3, 900])
+    with torch.no_grad():
+        expected = task.unet(x, t, context)
+        assert ((unet(x, t, context).sample - expected).norm() / expected.norm()).item() <= 1e-5
+    vae = diffusers.AutoencoderKL.from_pretrained(out / "vae")
+    assert vae.config.scaling_factor == pytest.approx(task.first_stage.scale_factor.item())
+    with pytest.raises(FileExistsError, match="nothing was written"):
+        export_run(tmp_path / "ldm", out)
+    with pytest.raises(ValueError, match="only stage-2"):
+        export_run(tmp_path / "ae", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out2.tmp").exists()
