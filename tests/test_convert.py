@@ -314,3 +314,22 @@ def test_what_diffusers_cannot_express_is_a_clear_error():
     vq = VQModel(n_embed=16, embed_dim=4, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, norm_groups=8)
     with pytest.raises(archs.ArchitectureError, match="KL autoencoder"):
         vae_to_diffusers(vq)
+
+
+def test_compvis_vq_first_stage_loads_unscaled(tmp_path):
+    """The paper's VQ-f4/f8 models (LDM-VQ presets) as CompVis files: `first_stage_model.*` with
+    `quantize.embedding.weight`, a training loss beside it in stand-alone files; scale factor 1.0."""
+    from ldm.models.autoencoder import VQModel
+
+    vq = randomize(VQModel(n_embed=16, embed_dim=3, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=3,
+                           attn_resolutions=[16], resolution=32), seed=5)
+    state = {k: v for k, v in vq.state_dict().items()
+             if k not in ("scale_factor", "latent_mean", "latent_std", "quantize.steps_unused")}
+    torch.save({"state_dict": {**state, "loss.discriminator.main.0.weight": torch.zeros(2)}}, tmp_path / "vq-f4.ckpt")
+    save_file({"first_stage_model." + k: v for k, v in state.items()}, str(tmp_path / "ldm-vq.safetensors"))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for name in ("vq-f4.ckpt", "ldm-vq.safetensors"):
+        loaded = load_first_stage(tmp_path / name)
+        assert isinstance(loaded, VQModel) and loaded.scale_factor.item() == 1.0
+        with torch.no_grad():
+            assert torch.equal(loaded.decode(loaded.encode_latent(x)), vq.decode(vq.encode_latent(x)))

@@ -190,7 +190,8 @@ def diffusers_unet_config(arch: Mapping[str, Any], sample_size: int = 64) -> dic
 
 # -------------------------------------------------------------------------------------------- autoencoder
 def infer_vae_arch(state: Mapping[str, Any], resolution: int = 256, norm_groups: int = 32) -> dict[str, Any]:
-    """`AutoencoderKL` keyword arguments from a KL autoencoder state dict in our/CompVis names (no prefix)."""
+    """`AutoencoderKL` (or, with a codebook, `VQModel`) keyword arguments from an autoencoder state dict in
+    our/CompVis names (no prefix)."""
     try:
         ch, in_channels = state["encoder.conv_in.weight"].shape[:2]
         z_channels = state["decoder.conv_in.weight"].shape[1]
@@ -198,18 +199,22 @@ def infer_vae_arch(state: Mapping[str, Any], resolution: int = 256, norm_groups:
         out_ch = state["decoder.conv_out.weight"].shape[0]
         moments = state["encoder.conv_out.weight"].shape[0]
     except KeyError as error:
-        raise ArchitectureError(f"not a CompVis KL autoencoder state dict: {error} missing (keys start "
+        raise ArchitectureError(f"not a CompVis autoencoder state dict: {error} missing (keys start "
                                 f"{sorted(state)[:3]})") from None
-    if moments != 2 * z_channels:
-        raise ArchitectureError(f"encoder.conv_out has {moments} channels, not 2 x z_channels={z_channels}: "
-                                "not a KL (Gaussian) autoencoder")
+    vq = "quantize.embedding.weight" in state
+    if moments != (1 if vq else 2) * z_channels:
+        raise ArchitectureError(f"encoder.conv_out has {moments} channels for z_channels={z_channels}: neither a KL "
+                                "(2 x z_channels) nor a VQ (z_channels and quantize.embedding) autoencoder")
     levels = _indices(state, r"encoder\.down\.(\d+)\.")
     num_res_blocks = len(_indices(state, r"encoder\.down\.0\.block\.(\d+)\."))
     ch_mult = [state[f"encoder.down.{level}.block.0.conv2.weight"].shape[0] // ch for level in levels]
     attn = [resolution >> level for level in levels if f"encoder.down.{level}.attn.0.q.weight" in state]
-    return dict(embed_dim=int(embed_dim), ch=int(ch), ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+    arch = dict(embed_dim=int(embed_dim), ch=int(ch), ch_mult=ch_mult, num_res_blocks=num_res_blocks,
                 z_channels=int(z_channels), attn_resolutions=attn, in_channels=int(in_channels), out_ch=int(out_ch),
                 resolution=resolution, norm_groups=norm_groups)
+    if vq:
+        arch["n_embed"] = int(state["quantize.embedding.weight"].shape[0])
+    return arch
 
 
 def vae_arch_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:

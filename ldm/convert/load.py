@@ -23,6 +23,7 @@ from ldm.convert import keymap
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 VAE_STATE_BUFFERS = ("scale_factor", "latent_mean", "latent_std")  # ours, not part of any pretrained VAE file
+VQ_STATE_BUFFERS = ("quantize.steps_unused",)  # our dead-code counter; zeros for a loaded codebook
 VAE_IGNORED_PREFIXES = ("loss.",)  # stand-alone CompVis VAE files carry their training loss (LPIPS, discriminator)
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
@@ -176,25 +177,27 @@ def read_vae_weights(path: str | os.PathLike) -> tuple[dict, dict | None, float]
                                       f"(CompVis/Stability) nor a bare 'encoder.conv_in.weight'; keys start "
                                       f"{sorted(full)[:3]}")
     # CompVis LatentDiffusion stores scale_factor as a buffer when it measured it (scale_by_std); SD files
-    # don't, and use 0.18215.
-    scale = float(full["scale_factor"]) if "scale_factor" in full else archs.SD_SCALE_FACTOR
+    # don't, and use 0.18215. The paper's VQ models ran unscaled (scale_factor 1.0 in their configs).
+    default = 1.0 if "quantize.embedding.weight" in state else archs.SD_SCALE_FACTOR
+    scale = float(full["scale_factor"]) if "scale_factor" in full else default
     return {k: v for k, v in state.items() if k not in VAE_STATE_BUFFERS}, None, scale
 
 
 def load_autoencoder(path: str | os.PathLike, strict: bool = True, config: Mapping[str, Any] | None = None,
                      scale_factor: float | None = None) -> nn.Module:
     """An `AutoencoderKL` with the weights of a CompVis/Stability file or a diffusers folder, its
-    `scale_factor` from the source (diffusers `scaling_factor`; 0.18215 for SD files) unless given."""
-    from ldm.models.autoencoder import AutoencoderKL
+    `scale_factor` from the source (diffusers `scaling_factor`; 0.18215 for SD files) unless given.
+    A CompVis VQ file (`quantize.embedding.weight`, the paper's VQ-f4/f8 models) gives a `VQModel`."""
+    from ldm.models.autoencoder import AutoencoderKL, VQModel
 
     state, arch, source_scale = read_vae_weights(path)
     arch = arch or archs.infer_vae_arch(state, **{k: v for k, v in (config or {}).items()
                                                   if k in ("resolution", "norm_groups")})
     arch.update(config or {})
-    model = AutoencoderKL(**arch)
-    load_checked(model, state, strict, str(path), skip=VAE_STATE_BUFFERS)
+    model = VQModel(**arch) if "n_embed" in arch else AutoencoderKL(**arch)
+    load_checked(model, state, strict, str(path), skip=VAE_STATE_BUFFERS + VQ_STATE_BUFFERS)
     model.scale_factor.fill_(source_scale if scale_factor is None else scale_factor)
-    model.sample_posterior = True  # SD / CompVis encode stage-2 latents as posterior samples
+    model.sample_posterior = True  # SD / CompVis encode stage-2 latents as posterior samples (VQ: deterministic)
     return model.eval()
 
 
