@@ -333,3 +333,43 @@ def test_compvis_vq_first_stage_loads_unscaled(tmp_path):
         assert isinstance(loaded, VQModel) and loaded.scale_factor.item() == 1.0
         with torch.no_grad():
             assert torch.equal(loaded.decode(loaded.encode_latent(x)), vq.decode(vq.encode_latent(x)))
+
+
+V1_INFERENCE_YAML = """  # the layout of Stability's v1-inference.yaml, at tiny width
+model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    scale_factor: 0.5
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params: {image_size: 32, in_channels: 4, out_channels: 4, model_channels: 32, attention_resolutions: [1],
+               num_res_blocks: 1, channel_mult: [1, 2], num_heads: 4, use_spatial_transformer: true,
+               transformer_depth: 1, context_dim: 24, use_checkpoint: true, legacy: false}
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        ddconfig: {double_z: true, z_channels: 4, resolution: 256, in_channels: 3, out_ch: 3, ch: 32,
+                   ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [], dropout: 0.0}
+"""
+
+
+def test_compvis_yaml_gives_what_shapes_cannot(tmp_path):
+    """The YAML beside a CompVis file sets the head split (4 here, not the default 8) and the scale factor."""
+    from ldm.models.autoencoder import AutoencoderKL
+
+    (tmp_path / "v1-inference.yaml").write_text(V1_INFERENCE_YAML)
+    unet = randomize(UNetModel(4, 4, 32, 1, [1], [1, 2], num_heads=4, context_dim=CONTEXT_DIM), seed=6)
+    vae = randomize(AutoencoderKL(embed_dim=4, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4), seed=7)
+    save_file({**{"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
+               **{"first_stage_model." + k: v for k, v in vae.state_dict().items()
+                  if k not in ("scale_factor", "latent_mean", "latent_std")}}, str(tmp_path / "model.safetensors"))
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        expected = unet(x, t, context)
+        from_yaml = load_unet(tmp_path / "model.safetensors", config=tmp_path / "v1-inference.yaml")
+        assert torch.equal(from_yaml(x, t, context), expected)
+        assert rel_error(load_unet(tmp_path / "model.safetensors")(x, t, context), expected) > 1e-3  # 8 heads
+    loaded = load_autoencoder(tmp_path / "model.safetensors", config=str(tmp_path / "v1-inference.yaml"))
+    assert loaded.scale_factor.item() == 0.5
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in vae.state_dict().items() if k != "scale_factor")

@@ -261,3 +261,34 @@ def diffusers_vae_config(arch: Mapping[str, Any], scale_factor: float) -> dict[s
 def vae_arch_from_model(model: nn.Module) -> dict[str, Any]:
     resolution = getattr(model.encoder, "resolution", 256)
     return infer_vae_arch(model.state_dict(), resolution=resolution, norm_groups=model.encoder.norm_out.num_groups)
+
+
+# ------------------------------------------------------------------------------------------ CompVis YAML
+def compvis_yaml(path: str) -> dict[str, Any]:
+    """Read a CompVis/Stability model YAML (v1-inference.yaml, v2-inference-v.yaml, an LDM config.yaml):
+    {"unet": UNetModel kwargs, "autoencoder": AutoencoderKL/VQModel kwargs, "scale_factor": float}, each
+    present when the YAML has it. Keys our classes do not take (use_fp16, image_size, legacy, ...) are dropped."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from ldm.models.autoencoder import AutoencoderKL, VQModel
+    from ldm.models.unet import UNetModel
+
+    params = OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("model", {}).get("params", {})
+    out: dict[str, Any] = {}
+    unet = params.get("unet_config", {}).get("params")
+    if unet is not None:
+        accepted = inspect.signature(UNetModel).parameters
+        out["unet"] = {k: v for k, v in unet.items() if k in accepted and k != "use_checkpoint"}
+    first = params.get("first_stage_config", {})
+    if "ddconfig" in first.get("params", {}):
+        vq = "n_embed" in first["params"]
+        accepted = inspect.signature(VQModel if vq else AutoencoderKL).parameters
+        kwargs = {**first["params"]["ddconfig"], "embed_dim": first["params"].get("embed_dim")}
+        if vq:
+            kwargs["n_embed"] = first["params"]["n_embed"]
+        out["autoencoder"] = {k: v for k, v in kwargs.items() if k in accepted}
+    if "scale_factor" in params:
+        out["scale_factor"] = float(params["scale_factor"])
+    return out

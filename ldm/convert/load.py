@@ -128,14 +128,17 @@ def read_unet_weights(path: str | os.PathLike) -> tuple[dict, dict | None, dict 
 
 
 def load_unet(path: str | os.PathLike, strict: bool = True, ema: bool = False,
-              config: Mapping[str, Any] | None = None) -> nn.Module:
+              config: Mapping[str, Any] | str | os.PathLike | None = None) -> nn.Module:
     """A `UNetModel` with the weights of a CompVis/Stability file or a diffusers folder.
 
     `ema=True` takes the EMA weights (`model_ema.*`, or a diffusers `unet_ema/` folder). `config` overrides
-    constructor arguments (for single files: the head split, `norm_groups`; see ldm.convert.arch).
+    constructor arguments (for single files: the head split, `norm_groups`; see ldm.convert.arch): a dict, or
+    the path of the CompVis YAML that came with the file (its `unet_config.params`).
     Missing, unexpected or mis-shaped keys raise CheckpointMismatchError unless `strict=False`."""
     from ldm.models.unet import UNetModel
 
+    if isinstance(config, (str, os.PathLike)):  # a CompVis YAML (v1-inference.yaml, ...)
+        config = archs.compvis_yaml(os.fspath(config)).get("unet", {})
     state, ema_state, arch = read_unet_weights(path)
     if ema:
         if ema_state is None:
@@ -183,13 +186,18 @@ def read_vae_weights(path: str | os.PathLike) -> tuple[dict, dict | None, float]
     return {k: v for k, v in state.items() if k not in VAE_STATE_BUFFERS}, None, scale
 
 
-def load_autoencoder(path: str | os.PathLike, strict: bool = True, config: Mapping[str, Any] | None = None,
+def load_autoencoder(path: str | os.PathLike, strict: bool = True,
+                     config: Mapping[str, Any] | str | os.PathLike | None = None,
                      scale_factor: float | None = None) -> nn.Module:
     """An `AutoencoderKL` with the weights of a CompVis/Stability file or a diffusers folder, its
     `scale_factor` from the source (diffusers `scaling_factor`; 0.18215 for SD files) unless given.
+    `config`: constructor overrides, or the CompVis YAML (its `ddconfig`, `embed_dim` and `scale_factor`).
     A CompVis VQ file (`quantize.embedding.weight`, the paper's VQ-f4/f8 models) gives a `VQModel`."""
     from ldm.models.autoencoder import AutoencoderKL, VQModel
 
+    if isinstance(config, (str, os.PathLike)):  # a CompVis YAML: ddconfig + embed_dim, and the LDM's scale_factor
+        yaml = archs.compvis_yaml(os.fspath(config))
+        config, scale_factor = yaml.get("autoencoder", {}), yaml.get("scale_factor", scale_factor)
     state, arch, source_scale = read_vae_weights(path)
     arch = arch or archs.infer_vae_arch(state, **{k: v for k, v in (config or {}).items()
                                                   if k in ("resolution", "norm_groups")})
