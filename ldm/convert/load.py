@@ -66,7 +66,7 @@ def diffusers_folder(path: str | os.PathLike, component: str, class_name: str) -
         return None
     for folder in (path / component, path):
         config = folder / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("_class_name", class_name) == class_name:
+        if config.is_file() and json.loads(config.read_text()).get("_class_name") == class_name:
             return folder
     return None
 
