@@ -5,6 +5,7 @@ single-file converter (`convert_ldm_unet_checkpoint`), plus full-size SD key set
 """
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -373,3 +374,65 @@ def test_compvis_yaml_gives_what_shapes_cannot(tmp_path):
     loaded = load_autoencoder(tmp_path / "model.safetensors", config=str(tmp_path / "v1-inference.yaml"))
     assert loaded.scale_factor.item() == 0.5
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in vae.state_dict().items() if k != "scale_factor")
+
+
+# The released configs (huggingface.co/runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1,
+# unet/ and vae/config.json), abridged to the fields that are not diffusers' defaults.
+DOWN = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+UP = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+SD_UNET_CONFIGS = {
+    "sd_v1": {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+              "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "down_block_types": DOWN,
+              "up_block_types": UP, "layers_per_block": 2, "norm_eps": 1e-05, "norm_num_groups": 32,
+              "sample_size": 64},
+    "sd_v2": {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": [5, 10, 20, 20],
+              "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 1024, "down_block_types": DOWN,
+              "up_block_types": UP, "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 96,
+              "use_linear_projection": True, "upcast_attention": True, "dual_cross_attention": False,
+              "only_cross_attention": False, "num_class_embeds": None},
+}
+SD_VAE_CONFIG = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+                 "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+                 "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+                 "norm_num_groups": 32, "sample_size": 512}
+
+
+def _preset(name):
+    from hydra import compose, initialize_config_dir
+
+    from ldm.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        stage_two = ["model.first_stage.ckpt=unused"] if name.startswith("sd_") else []
+        return compose("train", overrides=[f"model={name}", *stage_two])
+
+
+@pytest.mark.parametrize("preset", sorted(SD_UNET_CONFIGS))
+def test_sd_presets_fit_the_released_sd_weights(preset):
+    """`model=sd_v1|sd_v2 model.init_from=<the released diffusers folder>` must load strictly: the preset's UNet
+    and the one the released config describes have the same parameters and the same head split."""
+    from hydra.utils import instantiate
+
+    from ldm.modules.attention import SpatialTransformer
+
+    config = SD_UNET_CONFIGS[preset]
+    with torch.device("meta"):
+        ours = instantiate(_preset(preset).model.task.unet)(in_channels=4, out_channels=4,
+                                                             context_dim=config["cross_attention_dim"])
+        released = UNetModel(**archs.unet_arch_from_diffusers(config))
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
+    heads = lambda m: [t.transformer_blocks[0].attn1.heads for t in m.modules()  # noqa: E731
+                       if isinstance(t, SpatialTransformer)]
+    assert shapes(ours) == shapes(released) and heads(ours) == heads(released)
+
+
+def test_kl_f8_preset_fits_the_sd_vae():
+    from hydra.utils import instantiate
+
+    from ldm.models.autoencoder import AutoencoderKL
+
+    with torch.device("meta"):
+        ours = instantiate(_preset("autoencoder_kl_f8").model.task.autoencoder)
+        released = AutoencoderKL(**archs.vae_arch_from_diffusers(SD_VAE_CONFIG))
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in released.state_dict().items()}
