@@ -131,6 +131,8 @@ def unet_arch_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ArchitectureError(f"{where}: up_block_types {up} do not mirror down_block_types {down}")
     layers = config.get("layers_per_block", 2)
     depth = config.get("transformer_layers_per_block", 1)
+    if isinstance(depth, (list, tuple)) and len(set(depth)) == 1:  # one depth written per level
+        depth = depth[0]
     if not isinstance(layers, int) or not isinstance(depth, int) or config.get("reverse_transformer_layers_per_block"):
         raise ArchitectureError(f"{where}: per-level layers_per_block={layers} / transformer_layers_per_block={depth} "
                                 "are not supported (one number each)")
