@@ -105,7 +105,9 @@ class EMAConfig:
 
 @dataclass
 class FirstStageConfig:
-    ckpt: str = MISSING  # autoencoder.safetensors written at the end of stage 1
+    # autoencoder.safetensors written at the end of stage 1, or a pretrained KL VAE: an SD/CompVis file
+    # (.safetensors/.ckpt) or a diffusers folder (ldm/convert, docs/convert.md)
+    ckpt: str = MISSING
 
 
 @dataclass
@@ -115,6 +117,7 @@ class ModelConfig:
     optim: Dict[str, OptimConfig] = field(default_factory=dict)  # one AdamW per task param group
     ema: Optional[EMAConfig] = None
     first_stage: Optional[FirstStageConfig] = None
+    init_from: Optional[str] = None  # stage 2: start the UNet (and EMA) from an SD/CompVis file or diffusers folder
 
 
 @dataclass

@@ -48,10 +48,14 @@ def build_task(cfg) -> torch.nn.Module:
     check_targets(cfg.model.task, "model.task")
     facts = {}
     if cfg.model.get("first_stage") is not None:
-        from ldm.models.autoencoder import load_autoencoder
+        from ldm.convert import load_first_stage  # ours, an SD/CompVis file or a diffusers folder
 
-        facts["first_stage"] = load_autoencoder(cfg.model.first_stage.ckpt)
+        facts["first_stage"] = load_first_stage(cfg.model.first_stage.ckpt)
     task = instantiate(cfg.model.task, **facts)
+    if cfg.model.get("init_from"):
+        from ldm.convert import apply_init_from
+
+        apply_init_from(task, cfg.model.init_from)
     groups = task.param_groups()
     if set(groups) != set(cfg.model.optim):
         raise ValueError(f"model.optim has groups {sorted(cfg.model.optim)} but {type(task).__name__} trains "
