@@ -77,6 +77,16 @@ class EMA(nn.Module):
             _copy_full_into(t, state[f"shadow.{n}"])
         self.num_updates.copy_(state["num_updates"])
 
+    @torch.no_grad()
+    def load_shadow(self, module_state: dict[str, torch.Tensor]) -> None:
+        """Start the EMA from given weights of the module (e.g. a pretrained EMA, `model.init_from`)."""
+        missing = [n for n in self.names if n not in module_state]
+        if missing:
+            raise ValueError(f"EMA weights lack parameters {missing[:5]}")
+        for n, t in zip(self.names + self.buffer_names, self.params + self.buffers_):
+            if n in module_state:
+                _copy_full_into(t, module_state[n])
+
     @contextmanager
     def swapped_into(self, module: nn.Module):
         """Temporarily load the EMA weights into `module` (for evaluation / sampling), then restore."""

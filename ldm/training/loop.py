@@ -84,7 +84,7 @@ def train(cfg) -> Path:
     ema_target = task.ema_target()
     ema = EMA(ema_target, **cfg.model.ema) if cfg.model.ema is not None and ema_target is not None else None
     if ema is not None and hasattr(task, "pretrained_ema"):  # model.init_from brought EMA weights (ldm/convert)
-        ema.shadow.load_state_dict(task.__dict__.pop("pretrained_ema"))
+        ema.load_shadow(task.__dict__.pop("pretrained_ema"))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
     meta = {"model": cfg.model.name, "fingerprint": config_fingerprint(model_cfg),
             "strategy": cfg.trainer.strategy.value}
