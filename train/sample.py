@@ -48,6 +48,8 @@ class SampleConfig:
     strength: float = 0.8  # img2img: 1 = ignore the image, -> 0 = keep it
     image: Optional[str] = None  # inpainting: the image ...
     mask: Optional[str] = None  # ... and the mask (white = inpaint, black = keep), same size
+    paste: bool = False  # inpainting: copy the input's pixels outside the mask into the result (the decoder
+    #                      sees the whole latent, so kept latents decode to slightly shifted pixels otherwise)
     progress: bool = True  # tqdm progress bar over the sampler steps
 
 
@@ -161,11 +163,12 @@ def conditions(cfg) -> list[dict]:
 
 def generate(task, items: list[dict], *, latent_size, batch_size: int, seed: int, progress: bool = False,
              init_image: torch.Tensor | None = None, image: torch.Tensor | None = None,
-             mask: torch.Tensor | None = None, **opts) -> torch.Tensor:
+             mask: torch.Tensor | None = None, paste: bool = False, **opts) -> torch.Tensor:
     """Images `(N,3,H,W)` in [-1,1]. Image i starts from noise seeded by seed + i, so it depends on
     (seed, i, its condition) and not on the batch size (up to float rounding of batched kernels) nor on
     the device (the noise is drawn on the CPU). `init_image` (img2img) and `image` + `mask` (inpainting)
-    are (1,3,H,W) / (1,1,H,W) tensors used for every item. Runs on the task's device."""
+    are (1,3,H,W) / (1,1,H,W) tensors used for every item; `paste` copies `image` outside `mask` into the
+    result. Runs on the task's device."""
     from tqdm.auto import tqdm
 
     from ldm.sampling import img2img_timesteps
@@ -199,7 +202,10 @@ def generate(task, items: list[dict], *, latent_size, batch_size: int, seed: int
         out.append(task.sample(batch, generator=generator, latent_size=latent_size, noise=noise, **extra,
                                **opts).float().cpu())
     bar.close()
-    return torch.cat(out)
+    images = torch.cat(out)
+    if paste and image is not None:
+        images = torch.where(mask.cpu() > 0.5, images, image.float().cpu())
+    return images
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
@@ -223,7 +229,7 @@ def main(cfg) -> None:
     if cfg.init_image:
         opts.update(init_image=load_image(cfg.init_image, size), strength=cfg.strength)
     if cfg.image:
-        opts.update(image=load_image(cfg.image, size), mask=load_image(cfg.mask, size, mode="L"))
+        opts.update(image=load_image(cfg.image, size), mask=load_image(cfg.mask, size, mode="L"), paste=cfg.paste)
     with autocast(device, cfg.precision):
         images = generate(task, items, latent_size=latent_size, batch_size=cfg.batch_size, seed=cfg.seed,
                           progress=cfg.progress, **opts)
