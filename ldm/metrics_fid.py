@@ -112,7 +112,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method: str = "eigh") -> float:
 
 
 def fid_from_features(features1, features2, method: str = "eigh") -> float:
-    return frechet_distance(*feature_stats(features1), *feature_stats(features2), method=method)
+    """FID of two feature sets (N, D). With fewer images than dimensions (N < 2048: tests, quick checks)
+    the exact low-rank route is used: with centred A, B and Σ₁ = AᵀA/(n-1), Σ₂ = BᵀB/(m-1), the non-zero
+    eigenvalues of Σ₁Σ₂ are the squared singular values of ABᵀ/√((n-1)(m-1)), so tr√(Σ₁Σ₂) is its nuclear
+    norm: an n×m SVD instead of two D×D eigendecompositions."""
+    x, y = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
+        raise ValueError(f"fid_from_features: need (N >= 2, D) feature sets of one D, got {x.shape} and {y.shape}")
+    if min(len(x), len(y)) >= x.shape[1]:
+        return frechet_distance(*feature_stats(x), *feature_stats(y), method=method)
+    a, b = x - x.mean(0), y - y.mean(0)
+    c1, c2 = len(x) - 1, len(y) - 1
+    trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt(c1 * c2)
+    diff = x.mean(0) - y.mean(0)
+    return float(diff @ diff + (a * a).sum() / c1 + (b * b).sum() / c2 - 2 * trace_sqrt)
 
 
 def kid_from_features(features1, features2, subsets: int = 100, subset_size: int = 1000,

@@ -35,10 +35,16 @@ def test_frechet_distance_closed_forms(method):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4), method=method)
 
 
-def test_scipy_and_eigh_agree_on_rank_deficient_features():
+def test_scipy_eigh_and_low_rank_routes_agree_on_rank_deficient_features():
     rng = np.random.default_rng(1)
-    x, y = rng.normal(size=(40, 128)), rng.normal(size=(40, 128)) + 0.3  # N < D: singular covariances
-    assert fid_from_features(x, y, method="scipy") == pytest.approx(fid_from_features(x, y, method="eigh"), rel=1e-5)
+    x, y = rng.normal(size=(40, 128)), rng.normal(size=(30, 128)) + 0.3  # N < D: singular covariances
+    stats = feature_stats(x), feature_stats(y)
+    eigh = frechet_distance(*stats[0], *stats[1], method="eigh")
+    assert frechet_distance(*stats[0], *stats[1], method="scipy") == pytest.approx(eigh, rel=1e-5)
+    # the nuclear-norm route (exact; the eigh route adds √ of ~1e-14 round-off eigenvalues of the null space)
+    assert fid_from_features(x, y) == pytest.approx(eigh, rel=1e-7)
+    big = rng.normal(size=(200, 16))  # N >= D: the covariance route
+    assert fid_from_features(big, big[::-1]) == pytest.approx(0, abs=1e-9)
 
 
 def test_kid_matches_a_direct_loop_and_separates_sets():
