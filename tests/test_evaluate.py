@@ -2,35 +2,15 @@
 W&B logging, and a clear note when the Inception weights are missing."""
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from ldm.config import register_configs
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-register_configs()
 
 
 @pytest.fixture(scope="module")
-def runs(shapes_shards, tmp_path_factory):
-    """A tiny autoencoder run and a tiny text-to-image run over it, on the shapes shards."""
-    from ldm.training.loop import train
-
-    def cfg(*overrides):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("train", overrides=["data=shapes", f"data.shards='{shapes_shards['train']}'",
-                                               f"data.val_shards='{shapes_shards['val']}'", "data.image_size=32",
-                                               "data.num_workers=0", "data.shuffle_buffer=16", "trainer=debug",
-                                               "logger=none", *overrides])
-
-    root = tmp_path_factory.mktemp("eval")
-    train(cfg("model=autoencoder_kl_tiny", "trainer.max_steps=2", f"run_dir={root / 'ae'}"))
-    train(cfg("model=ldm_txt2img_tiny", f"model.first_stage.ckpt={root / 'ae' / 'autoencoder.safetensors'}",
-              "trainer.max_steps=2", f"run_dir={root / 'ldm'}"))
-    return root / "ae", root / "ldm"
+def runs(tiny_runs):
+    return tiny_runs["ae"], tiny_runs["ldm"]
 
 
 @pytest.fixture(scope="module")
