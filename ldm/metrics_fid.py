@@ -87,7 +87,7 @@ def _sqrtm_trace_scipy(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """pytorch-fid's way: scipy's sqrtm of the product, retried with ε·I added when it is singular."""
     import scipy.linalg
 
-    covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         offset = np.eye(len(sigma1)) * 1e-6
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))

@@ -1,4 +1,5 @@
-"""`train/sample.py` with the inference options, on the CPU and (marked `gpu`) on a CUDA GPU: fp32 matches the CPU (the noise is drawn on the CPU), bf16/fp16 give finite
+"""`train/sample.py` with the inference options, on the CPU and (marked `gpu`) on a CUDA GPU: fp32 matches
+the CPU (the noise is drawn on the CPU), bf16/fp16 give finite
 images with the VAE kept in fp32, and the command runs with img2img and negative prompts."""
 import runpy
 import sys

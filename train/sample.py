@@ -218,6 +218,8 @@ def main(cfg) -> None:
     device = resolve_device(cfg.device)
     train_cfg, task, ckpt = load_run(Path(cfg.run_dir), cfg.checkpoint, cfg.use_ema)
     task.to(device)
+    if hasattr(task.conditioner, "masks") and cfg.image is None:
+        raise ValueError(f"{cfg.run_dir} is an inpainting model: give image=… and mask=… (white = fill in)")
     items = conditions(cfg)
     size = train_cfg.data.image_size
     f = task.first_stage.downsample_factor
