@@ -11,6 +11,8 @@ Coefficients are computed from float64 python floats; the arithmetic on x runs i
 
 `callback(info)` is called after each step with {"i", "t", "x", "x0"} (x0: the model's current prediction).
 Classifier-free guidance wraps the network into a `model_fn`: `cfg_model_fn(model, cond, uncond, scale)`.
+img2img (SDEdit) starts any sampler part-way: `timesteps=img2img_timesteps(...)` from a noised latent.
+Inpainting wraps a `model_fn` too: `known_region_model_fn` pins the prediction in the region to keep.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Callable, Mapping
 import torch
 
 from ldm.diffusion.objective import PARAMETERIZATIONS, predict_x0_eps
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import NoiseSchedule, at
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -44,6 +46,17 @@ def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = DEFAULT_
     if not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"make_timesteps: steps must be an int in [1, {num_train_timesteps}], got {steps!r}")
     return SPACINGS[spacing](num_train_timesteps, steps, offset).long()
+
+
+def img2img_timesteps(num_train_timesteps: int, steps: int, strength: float, spacing: str = DEFAULT_SPACING,
+                      offset: int = 0) -> torch.Tensor:
+    """SDEdit (Meng et al. 2022): the last max(1, int(steps·strength)) of the `steps` timesteps, i.e. start at
+    t ≈ strength·T from the input's noised latent (diffusers' img2img pipelines count the same way).
+    strength = 1 starts from (almost) pure noise, strength → 0 changes little."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"img2img_timesteps: strength={strength} must be in (0, 1]")
+    full = make_timesteps(num_train_timesteps, steps, spacing, offset)
+    return full[steps - max(1, min(int(steps * strength), steps)):]
 
 
 def _resolve_timesteps(schedule: NoiseSchedule, steps: int | None, spacing: str, offset: int,
@@ -223,6 +236,29 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "plms": sample_plms,
     "dpmpp_2m": sample_dpmpp_2m,
 }
+
+
+def known_region_model_fn(model_fn: ModelFn, schedule: NoiseSchedule, x0_known: torch.Tensor,
+                          keep: torch.Tensor, parameterization: str = "eps") -> ModelFn:
+    """Inpainting with any sampler: where `keep` is True the network output is replaced by the output that
+    predicts x0 = `x0_known` at the current x_t (ε = (x_t - α_t·x0)/σ_t, or v = α_t·ε - σ_t·x0). Every update
+    then pulls the kept region along the noised known latent (RePaint's / SD's blending, done in the
+    denoiser so the samplers stay unchanged), and the last update, which returns x0̂, returns `x0_known`
+    there for DDPM, DDIM and DPM-Solver++ (PLMS mixes past ε; blend the result once more for it).
+    `keep` is a bool mask broadcastable to x (e.g. (B, 1, h, w))."""
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"known_region_model_fn: unknown parameterization {parameterization!r}")
+
+    def pinned(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = model_fn(x, t)
+        alpha = at(schedule.sqrt_alphas_cumprod, t, x).to(x.dtype)
+        sigma = at(schedule.sqrt_one_minus_alphas_cumprod, t, x).to(x.dtype)
+        x0 = x0_known.to(x.dtype)
+        eps = (x - alpha * x0) / sigma  # σ_t > 0 at every training timestep
+        known = {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0}[parameterization]
+        return torch.where(keep, known.to(out.dtype), out)
+
+    return pinned
 
 
 def cfg_model_fn(model: Callable[..., torch.Tensor], cond: Mapping[str, torch.Tensor],

