@@ -31,6 +31,7 @@ class LRSchedule(str, Enum):
 
 class LoggerKind(str, Enum):
     wandb = "wandb"
+    tensorboard = "tensorboard"
     none = "none"
 
 
@@ -72,7 +73,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: LoggerKind = LoggerKind.wandb  # wandb | none
+    kind: LoggerKind = LoggerKind.wandb  # wandb | tensorboard | none
     project: str = "ldm"
     entity: Optional[str] = None
     mode: Optional[str] = None  # online | offline | disabled; None = online with an API key, else offline

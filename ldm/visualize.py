@@ -1,0 +1,99 @@
+"""Image grids a person can read: small images upscaled to tiles of at least 128 px, each with its
+prompt (or label) printed under it. Used by the training loop's sample/reconstruction grids,
+train/sample.py and the demo.
+
+The font is Pillow's own (`ImageFont.load_default(size=...)`, a scalable DejaVu-derived face bundled with
+Pillow >= 10.1), so nothing depends on the fonts a cluster node happens to have installed.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+MIN_TILE = 128  # px: below this, a 32-px sample is a smudge and its caption unreadable
+PAD = 4  # px between tiles
+GROUP_GAP = 12  # px of extra space between groups of tiles (input | reconstruction pairs)
+
+
+class Panel(NamedTuple):
+    """One grid a task's `visualize` returns: images with an optional caption for each."""
+    images: torch.Tensor  # (N,3,H,W) in [-1,1]
+    captions: list[str] | None = None
+    group: int = 1  # >1: keep this many consecutive tiles together (input | reconstruction)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """`(N,3,H,W)` in [-1,1] -> `(N,H,W,3)` uint8."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (N, 1|3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+
+
+def side_by_side(*batches: torch.Tensor) -> torch.Tensor:
+    """Interleave equally sized batches: (a0, b0, a1, b1, ...), so each output sits beside its input."""
+    if len({tuple(b.shape) for b in batches}) != 1:
+        raise ValueError(f"side_by_side: batches differ in shape: {[tuple(b.shape) for b in batches]}")
+    return torch.stack(batches, dim=1).flatten(0, 1)
+
+
+def wrap(text: str, font: ImageFont.FreeTypeFont, width: int, max_lines: int = 4) -> list[str]:
+    """Greedy word wrap to `width` pixels, at most `max_lines` lines (the last one ends in '…' when text
+    is cut); a word wider than a line is broken where it overflows."""
+    lines, line = [], ""
+    for word in text.split():
+        while font.getlength(word) > width:
+            cut = next(i for i in range(len(word) - 1, 0, -1) if font.getlength(word[:i]) <= width or i == 1)
+            lines += [line] if line else []
+            lines.append(word[:cut])
+            line, word = "", word[cut:]
+        if font.getlength(f"{line} {word}".strip()) <= width:
+            line = f"{line} {word}".strip()
+        else:
+            lines.append(line)
+            line = word
+    lines += [line] if line else []
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and font.getlength(last + "…") > width:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last + "…"]
+    return lines
+
+
+def captioned_grid(images: torch.Tensor, captions: Sequence[str] | None = None, *, nrow: int | None = None,
+                   min_tile: int = MIN_TILE, group: int = 1, font_size: int | None = None) -> Image.Image:
+    """One RGB image: `images` `(N,3,H,W)` in [-1,1] as tiles, `nrow` per row (default up to 8), each
+    upscaled nearest-neighbour by an integer factor to at least `min_tile` px (pixels stay square and
+    sharp), with `captions[i]` wrapped to the tile width under tile i. `group` > 1 leaves a wider gap
+    after every `group` columns (keeps input | output pairs together)."""
+    pixels = to_uint8(images)
+    n, h, w, _ = pixels.shape
+    if captions is not None and len(captions) != n:
+        raise ValueError(f"captioned_grid: {n} images but {len(captions)} captions")
+    nrow = nrow or min(8, n)
+    if group > 1 and nrow % group:
+        raise ValueError(f"captioned_grid: nrow={nrow} must be a multiple of group={group}")
+    scale = max(1, math.ceil(min_tile / min(h, w)))
+    tw, th = w * scale, h * scale
+    font = ImageFont.load_default(size=font_size or max(11, tw // 10))
+    line_h = font.getbbox("Ag")[3] + 2
+    wrapped = [wrap(str(c), font, tw - 2) for c in captions] if captions is not None else [[] for _ in range(n)]
+    text_h = max(len(lines) for lines in wrapped) * line_h + (PAD if captions is not None else 0)
+    rows = math.ceil(n / nrow)
+    cell_w, cell_h = tw + PAD, th + text_h + PAD
+    gaps = (nrow - 1) // group * GROUP_GAP if group > 1 else 0
+    canvas = Image.new("RGB", (nrow * cell_w + PAD + gaps, rows * cell_h + PAD), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        x = PAD + c * cell_w + (c // group) * GROUP_GAP * (group > 1)
+        y = PAD + r * cell_h
+        canvas.paste(Image.fromarray(pixels[i]).resize((tw, th), Image.NEAREST), (x, y))
+        for j, line in enumerate(wrapped[i]):
+            draw.text((x + 1, y + th + PAD // 2 + j * line_h), line, fill="black", font=font)
+    return canvas
