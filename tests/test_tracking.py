@@ -1,6 +1,12 @@
 """logger=tensorboard: a tiny run's event files read back with TensorBoard's own reader hold the same
-scalars as metrics.csv (what W&B gets) and the captioned image grids."""
+scalars as metrics.csv (what W&B gets) and the captioned image grids; `tensorboard --logdir` serves them."""
 import io
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +55,25 @@ def test_tensorboard_logger_writes_scalars_and_images(shapes_shards, tmp_path, c
     png = np.asarray(Image.open(run_dir / "images/reconstructions_00000004.png").convert("RGB"))
     assert np.array_equal(tb_image, png)
     assert png.shape[0] > 128 and png.shape[1] >= 8 * 128  # 4 pairs of >=128-px tiles per row
+
+    # the README's `tensorboard --logdir runs`: the server lists this run's scalars and images
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(tmp_path),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, served = time.monotonic() + 60, {}
+        while not served and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
+                    served = json.loads(r.read())
+            except OSError:
+                time.sleep(0.3)
+        assert {"train/loss", "val/psnr"} <= set(served.get("run/tensorboard", {})), served
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/images/tags", timeout=5) as r:
+            assert "reconstructions" in json.loads(r.read())["run/tensorboard"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -60,9 +60,10 @@ def plot_png(name: str, steps: list[int], values: list[float]) -> bytes:
 
     matplotlib.use("Agg")  # headless: no display on a cluster node
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     values = [v if math.isfinite(v) else float("nan") for v in values]
-    fig, ax = plt.subplots(figsize=(4.2, 2.8), dpi=100)
+    fig, ax = plt.subplots(figsize=(3.9, 2.6), dpi=100)  # 390 px: three across a laptop screen
     ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, linewidth=1.2, color="#1f77b4")
     if len(steps) >= 50:  # noisy training curves: add a running mean over ~5% of the points
         k = max(2, len(values) // 20)
@@ -74,6 +75,7 @@ def plot_png(name: str, steps: list[int], values: list[float]) -> bytes:
         ax.set_yscale("log")
     ax.set_title(name, fontsize=10)
     ax.set_xlabel("step", fontsize=8)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -91,7 +93,9 @@ def latest_grids(run_dir: Path) -> list[tuple[str, Path]]:
         m = GRID_NAME.match(path.name)
         if m and int(m["step"]) >= newest.get(m["name"], (-1, None))[0]:
             newest[m["name"]] = (int(m["step"]), path)
-    grids = [(f"{name} at step {step}", path) for name, (step, path) in sorted(newest.items())]
+    first = ("samples", "reconstructions")  # what the model made before the references it is compared with
+    order = sorted(newest, key=lambda n: (n not in first, first.index(n) if n in first else 0, n))
+    grids = [(f"{name} at step {newest[name][0]}", newest[name][1]) for name in order]
     grids += [(f"{path.parent.name}/grid.png", path) for path in sorted(run_dir.glob("*/grid.png"))]
     return grids
 
@@ -135,7 +139,7 @@ def _table(rows, header) -> str:
 
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
-h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:28px}
+h1{font-size:22px;margin-bottom:4px} h3{font-size:14px;margin:10px 0 2px 0} h2{font-size:17px;border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:28px}
 .meta{color:#666;font-size:13px} .curves{display:flex;flex-wrap:wrap;gap:6px}
 figure{margin:0 0 14px 0} figcaption{font-size:13px;color:#555} .grid img{max-width:100%;border:1px solid #eee}
 table{border-collapse:collapse;font-size:13px;margin:6px 0 12px 0} td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
