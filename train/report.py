@@ -64,8 +64,10 @@ def plot_png(name: str, steps: list[int], values: list[float]) -> bytes:
 
     values = [v if math.isfinite(v) else float("nan") for v in values]
     fig, ax = plt.subplots(figsize=(3.9, 2.6), dpi=100)  # 390 px: three across a laptop screen
-    ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, linewidth=1.2, color="#1f77b4")
-    if len(steps) >= 50:  # noisy training curves: add a running mean over ~5% of the points
+    smooth = len(steps) >= 50  # noisy training curves: a running mean over ~5% of the points on top
+    ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, linewidth=1.2, color="#1f77b4",
+            alpha=0.6 if smooth else 1.0)
+    if smooth:
         k = max(2, len(values) // 20)
         smooth = [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1])
                   for i in range(len(values))]
