@@ -148,6 +148,10 @@ def test_report_on_a_live_or_broken_run(runs, tmp_path):
         f.write("5,train/lo\n6,train/loss,not-a-number\n")  # a row cut off mid-write, a damaged one
     page = write_report(run_dir, tmp_path / "out.html").read_text()
     assert "None yet (final_metrics.json is written when training ends)" in page
+    (run_dir / "eval.json").write_text('{"psnr": 2')  # cut short
+    (run_dir / "config.yaml").write_text("model: [unclosed")
+    page = write_report(run_dir, tmp_path / "out.html").read_text()
+    assert "eval.json</h3><p>unreadable" in page and "model: [unclosed" in page and "? on ?" in page
     assert not (run_dir / "report.html").exists()
 
     with pytest.raises(FileNotFoundError, match="has no config.yaml"):

@@ -57,3 +57,19 @@ def test_pairs_and_bad_input():
         captioned_grid(torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match="differ in shape"):
         side_by_side(a, torch.zeros(3, 3, 8, 8))
+
+
+def test_stage2_captions_name_each_samples_condition():
+    from types import SimpleNamespace
+
+    from ldm.modules.encoders import ClassEmbedder, Composite, LowResConcat, Unconditional
+    from ldm.tasks.latent_diffusion import LatentDiffusionTask
+
+    def captions(conditioner, batch):  # the method reads only self.conditioner
+        return LatentDiffusionTask.condition_captions(SimpleNamespace(conditioner=conditioner), batch)
+
+    batch = {"caption": ["a red circle", "a blue square"], "label": torch.tensor([3, 7]),
+             "image": torch.zeros(2, 3, 8, 8)}
+    assert captions(ClassEmbedder(10, 8), batch) == ["class 3", "class 7"]
+    assert captions(Unconditional(), batch) is None  # an unconditional sample is not labelled with a prompt
+    assert captions(Composite({"y": ClassEmbedder(10, 8), "lr": LowResConcat()}), batch) == ["class 3", "class 7"]

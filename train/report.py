@@ -140,12 +140,16 @@ def _table(rows, header) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
-h1{font-size:22px;margin-bottom:4px} h3{font-size:14px;margin:10px 0 2px 0} h2{font-size:17px;border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:28px}
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px;margin-bottom:4px} h3{font-size:14px;margin:10px 0 2px 0}
+h2{font-size:17px;border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:28px}
 .meta{color:#666;font-size:13px} .curves{display:flex;flex-wrap:wrap;gap:6px}
 figure{margin:0 0 14px 0} figcaption{font-size:13px;color:#555} .grid img{max-width:100%;border:1px solid #eee}
-table{border-collapse:collapse;font-size:13px;margin:6px 0 12px 0} td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
-th{background:#f5f5f5} pre{background:#f7f7f7;padding:10px;font-size:12px;overflow:auto;max-height:600px}"""
+table{border-collapse:collapse;font-size:13px;margin:6px 0 12px 0}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:left} th{background:#f5f5f5}
+pre{background:#f7f7f7;padding:10px;font-size:12px;overflow:auto;max-height:600px}
+"""
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
@@ -161,13 +165,18 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         cfg = OmegaConf.to_container(OmegaConf.load(config_path))
     except Exception:  # noqa: BLE001 - a damaged config still gets shown as text below
         cfg = {}
+
+    def setting(group: str, key: str):
+        section = cfg.get(group) if isinstance(cfg, dict) else None
+        return section.get(key, "?") if isinstance(section, dict) else "?"
+
     series = read_metrics(run_dir / "metrics.csv")
     last_step = max((max(s) for s, _ in series.values() if s), default=0)
-    title = f"{cfg.get('model', {}).get('name', '?')} on {cfg.get('data', {}).get('name', '?')}"
+    title = f"{setting('model', 'name')} on {setting('data', 'name')}"
 
     parts = [f"<h1>{html.escape(run_dir.name)}</h1>",
              f'<div class="meta">{html.escape(title)} · step {last_step} of '
-             f"{cfg.get('trainer', {}).get('max_steps', '?')} · report written "
+             f"{setting('trainer', 'max_steps')} · report written "
              f"{datetime.datetime.now():%Y-%m-%d %H:%M} · {html.escape(str(run_dir.resolve()))}</div>"]
 
     parts.append("<h2>Curves</h2>")
@@ -188,8 +197,11 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         path = run_dir / name
         if path.is_file():
             found = True
-            rows = flatten(json.loads(path.read_text())).items()
-            parts.append(f"<h3>{html.escape(name)}</h3>" + _table(rows, ["metric", "value"]))
+            try:
+                table = _table(flatten(json.loads(path.read_text())).items(), ["metric", "value"])
+            except (json.JSONDecodeError, AttributeError) as e:  # cut short while being written
+                table = f"<p>unreadable: {html.escape(str(e))}</p>"
+            parts.append(f"<h3>{html.escape(name)}</h3>" + table)
     if not found:
         parts.append("<p>None yet (final_metrics.json is written when training ends).</p>")
 
