@@ -2,12 +2,15 @@
 prompt (or label) printed under it. Used by the training loop's sample/reconstruction grids,
 train/sample.py and the demo.
 
-The font is Pillow's own (`ImageFont.load_default(size=...)`, a scalable DejaVu-derived face bundled with
-Pillow >= 10.1), so nothing depends on the fonts a cluster node happens to have installed.
+Fonts come from installed Python packages, never from the fonts a cluster node happens to have:
+DejaVu Sans as matplotlib ships it (Latin, Greek, Cyrillic), else Pillow's own scalable Aileron
+(`ImageFont.load_default(size=...)`, Pillow >= 10.1, ASCII only: accents would print as boxes).
 """
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -24,6 +27,16 @@ class Panel(NamedTuple):
     images: torch.Tensor  # (N,3,H,W) in [-1,1]
     captions: list[str] | None = None
     group: int = 1  # >1: keep this many consecutive tiles together (input | reconstruction)
+
+
+@functools.lru_cache(maxsize=8)
+def caption_font(size: int) -> ImageFont.FreeTypeFont:
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.__file__).parent / "mpl-data/fonts/ttf/DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        return ImageFont.load_default(size=size)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -80,7 +93,7 @@ def captioned_grid(images: torch.Tensor, captions: Sequence[str] | None = None, 
         raise ValueError(f"captioned_grid: nrow={nrow} must be a multiple of group={group}")
     scale = max(1, math.ceil(min_tile / min(h, w)))
     tw, th = w * scale, h * scale
-    font = ImageFont.load_default(size=font_size or max(11, tw // 10))
+    font = caption_font(font_size or min(22, max(11, tw // 10)))  # 11-22 px, by tile width
     line_h = font.getbbox("Ag")[3] + 2
     wrapped = [wrap(str(c), font, tw - 2) for c in captions] if captions is not None else [[] for _ in range(n)]
     text_h = max(len(lines) for lines in wrapped) * line_h + (PAD if captions is not None else 0)

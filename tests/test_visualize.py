@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import ImageFont
 
-from ldm.visualize import PAD, captioned_grid, side_by_side, to_uint8, wrap
+from ldm.visualize import PAD, caption_font, captioned_grid, side_by_side, to_uint8, wrap
 
 LONG = "a magenta triangle at the bottom on a gray background, drawn with a supercalifragilistic outline"
 
@@ -35,14 +35,20 @@ def test_captions_are_printed_under_their_tile_and_stay_inside_it():
         assert (gap > 250).all()
 
 
-def test_wrap_fits_width_breaks_long_words_and_caps_lines():
-    font = ImageFont.load_default(size=12)  # Pillow's bundled scalable font: no system fonts needed
-    assert isinstance(font, ImageFont.FreeTypeFont)
+@pytest.mark.parametrize("font", [caption_font(12), ImageFont.load_default(size=12)], ids=["dejavu", "pillow"])
+def test_wrap_fits_width_breaks_long_words_and_caps_lines(font):
     lines = wrap(LONG, font, 126)
     assert all(font.getlength(line) <= 126 for line in lines)
     assert len(lines) == 4 and lines[-1].endswith("…")
     assert wrap("a red circle", font, 126) == ["a red circle"]
     assert "".join(wrap("x" * 60, font, 50, max_lines=99)) == "x" * 60
+
+
+def test_caption_font_prints_accents_not_boxes():
+    font = caption_font(16)  # a file inside the matplotlib package: the same on every node
+    assert "DejaVu" in font.getname()[0]
+    missing = font.getmask("\uffff").getbbox()  # the font's box for a character it lacks
+    assert all(font.getmask(ch).getbbox() != missing for ch in "éßøΩж")
 
 
 def test_pairs_and_bad_input():
