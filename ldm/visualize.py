@@ -59,16 +59,17 @@ def wrap(text: str, font: ImageFont.FreeTypeFont, width: int, max_lines: int = 4
     is cut); a word wider than a line is broken where it overflows."""
     lines, line = [], ""
     for word in text.split():
-        while font.getlength(word) > width:
+        while len(word) > 1 and font.getlength(word) > width:
             cut = next(i for i in range(len(word) - 1, 0, -1) if font.getlength(word[:i]) <= width or i == 1)
             lines += [line] if line else []
             lines.append(word[:cut])
             line, word = "", word[cut:]
-        if font.getlength(f"{line} {word}".strip()) <= width:
-            line = f"{line} {word}".strip()
-        else:
+        candidate = f"{line} {word}".strip()
+        if line and font.getlength(candidate) > width:
             lines.append(line)
             line = word
+        else:
+            line = candidate
     lines += [line] if line else []
     if len(lines) > max_lines:
         last = lines[max_lines - 1]
@@ -86,6 +87,8 @@ def captioned_grid(images: torch.Tensor, captions: Sequence[str] | None = None, 
     after every `group` columns (keeps input | output pairs together)."""
     pixels = to_uint8(images)
     n, h, w, _ = pixels.shape
+    if n == 0:
+        raise ValueError("captioned_grid: no images to put in a grid")
     if captions is not None and len(captions) != n:
         raise ValueError(f"captioned_grid: {n} images but {len(captions)} captions")
     nrow = nrow or min(8, n)
@@ -99,12 +102,12 @@ def captioned_grid(images: torch.Tensor, captions: Sequence[str] | None = None, 
     text_h = max(len(lines) for lines in wrapped) * line_h + (PAD if captions is not None else 0)
     rows = math.ceil(n / nrow)
     cell_w, cell_h = tw + PAD, th + text_h + PAD
-    gaps = (nrow - 1) // group * GROUP_GAP if group > 1 else 0
-    canvas = Image.new("RGB", (nrow * cell_w + PAD + gaps, rows * cell_h + PAD), "white")
+    gap = GROUP_GAP if group > 1 else 0
+    canvas = Image.new("RGB", (nrow * cell_w + PAD + (nrow - 1) // group * gap, rows * cell_h + PAD), "white")
     draw = ImageDraw.Draw(canvas)
     for i in range(n):
         r, c = divmod(i, nrow)
-        x = PAD + c * cell_w + (c // group) * GROUP_GAP * (group > 1)
+        x = PAD + c * cell_w + (c // group) * gap
         y = PAD + r * cell_h
         canvas.paste(Image.fromarray(pixels[i]).resize((tw, th), Image.NEAREST), (x, y))
         for j, line in enumerate(wrapped[i]):

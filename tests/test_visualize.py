@@ -42,6 +42,7 @@ def test_wrap_fits_width_breaks_long_words_and_caps_lines(font):
     assert len(lines) == 4 and lines[-1].endswith("…")
     assert wrap("a red circle", font, 126) == ["a red circle"]
     assert "".join(wrap("x" * 60, font, 50, max_lines=99)) == "x" * 60
+    assert wrap("wide", font, 1, max_lines=9) == ["w", "i", "d", "e"]  # narrower than a letter: one per line
 
 
 def test_caption_font_prints_accents_not_boxes():
@@ -61,6 +62,8 @@ def test_pairs_and_bad_input():
         captioned_grid(pairs, ["a"] * 3)
     with pytest.raises(ValueError, match=r"must be \(N, 1\|3, H, W\)"):
         captioned_grid(torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match="no images"):
+        captioned_grid(torch.zeros(0, 3, 8, 8), [])
     with pytest.raises(ValueError, match="differ in shape"):
         side_by_side(a, torch.zeros(3, 3, 8, 8))
 
