@@ -37,6 +37,7 @@ class LRSchedule(str, Enum):
 
 class LoggerKind(str, Enum):
     wandb = "wandb"
+    tensorboard = "tensorboard"
     none = "none"
 
 
@@ -82,7 +83,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: LoggerKind = LoggerKind.wandb  # wandb | none
+    kind: LoggerKind = LoggerKind.wandb  # wandb | tensorboard | none
     project: str = "ldm"
     entity: Optional[str] = None
     mode: Optional[str] = None  # online | offline | disabled; None = online with an API key, else offline

@@ -115,7 +115,10 @@ def test_vq_task_logs_and_evaluate():
     assert set(metrics) == {"psnr", "ssim", "lpips", "codebook_usage", "perplexity"}
     assert all(isinstance(v, float) for v in metrics.values())
     vis = task.visualize({"image": x})
-    assert vis["reconstructions"].shape == x.shape and vis["reconstructions"].abs().max() <= 1
+    pairs = vis["reconstructions"]
+    assert pairs.images.shape == (4, *x.shape[1:]) and pairs.images.abs().max() <= 1
+    assert torch.equal(pairs.images[0::2], x) and pairs.group == 2  # each input, then its reconstruction
+    assert pairs.captions[0] == "input" and pairs.captions[1].startswith("reconstruction ")
 
 
 def test_latent_statistics_sets_scale_factor():

@@ -20,5 +20,12 @@ def test_demo_main_job_runs_every_phase_and_scores(tmp_path):
     result = json.loads((demo / "alignment.json").read_text())
     assert result["samples"] == 8 and 0.0 <= result["all_three"] <= 1.0
     assert set(result["seconds"]) == {"data", "autoencoder", "diffusion", "sample_and_score", "total"}
-    assert (demo / "grid.png").stat().st_size > 0
     assert len((demo / "grid_prompts.txt").read_text().splitlines()) == 16
+    from PIL import Image
+
+    assert Image.open(demo / "grid.png").size[0] == 4 + 4 * (128 + 4)  # 4 columns of readable 128-px tiles
+    for run in ("autoencoder_kl_shapes-shapes", "ldm_txt2img_demo-shapes"):  # a report per stage, path printed
+        report = tmp_path / "runs" / run / "report.html"
+        assert f"report: {report}" in out.stdout
+        assert "data:image/png;base64," in report.read_text()
+    assert "demo/alignment.json" in (tmp_path / "runs/ldm_txt2img_demo-shapes/report.html").read_text()

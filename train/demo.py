@@ -5,8 +5,10 @@
 1. writes the `shapes` WebDataset shards (coloured shapes with exact captions),
 2. trains the demo autoencoder on them (stage 1: L1 + LPIPS + PatchGAN, KL-regularised),
 3. trains the demo text-to-image latent diffusion model over its latents (stage 2),
-4. samples a grid for 16 prompts, and scores prompt alignment on fresh prompts and seeds with the
-   analyzer in data/shapes.py (colour, shape and position read back from each generated image).
+4. samples a grid for 16 prompts (each printed under its image), and scores prompt alignment on fresh
+   prompts and seeds with the analyzer in data/shapes.py (colour, shape and position read back from each
+   generated image),
+5. writes report.html for each stage (train/report.py) and prints its path next to that stage's score.
 
 Every phase is an ordinary command (printed as it runs); rerunning resumes finished phases instantly.
 Extra Hydra overrides for both training phases can follow `--`, e.g. `-- trainer.max_steps=10`.
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from train.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS_16 = [  # the fixed grid: every colour, shape, position and background appears
@@ -53,8 +57,8 @@ def score_alignment(run_dir: Path, n: int, seed: int, out: Path, **sample_opts) 
     """Generate n images for random attribute combinations (fresh seed) and read them back."""
     from data.shapes import caption_for, sample_attributes, score
     from ldm.training.runs import load_run
+    from ldm.visualize import captioned_grid
     from train.sample import generate
-    from torchvision.utils import make_grid, save_image
 
     cfg, task, _ = load_run(run_dir)
     latent = (cfg.data.image_size // task.first_stage.downsample_factor,) * 2
@@ -62,7 +66,7 @@ def score_alignment(run_dir: Path, n: int, seed: int, out: Path, **sample_opts) 
     grid = generate(task, [{"caption": caption_for(a)} for a in grid_attrs], latent_size=latent, batch_size=16,
                     seed=seed, **sample_opts)
     out.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid((grid + 1) / 2, nrow=4), out / "grid.png")
+    captioned_grid(grid, [caption_for(a) for a in grid_attrs], nrow=4).save(out / "grid.png")  # prompt under each
     (out / "grid_prompts.txt").write_text("\n".join(caption_for(a) for a in grid_attrs) + "\n")
     rng = np.random.default_rng(seed + 1)
     attrs = [sample_attributes(rng) for _ in range(n)]
@@ -104,12 +108,14 @@ def main() -> None:
     result["seconds"]["total"] = round(sum(times.values()), 1)
     (ldm_run / "demo" / "alignment.json").write_text(json.dumps(result, indent=1))
     ae_eval = json.loads((ae / "final_metrics.json").read_text())
+    ae_report, ldm_report = write_report(ae), write_report(ldm_run)  # curves, grids, metrics: one HTML page each
     print("\n[ldm] demo finished in {total:.0f} s  (data {data:.0f} s, autoencoder {autoencoder:.0f} s, "
           "diffusion {diffusion:.0f} s, sampling+scoring {sample_and_score:.0f} s)".format(**result["seconds"]))
-    print(f"[ldm] autoencoder on held-out shapes: PSNR {ae_eval['val/psnr']:.2f} dB, SSIM {ae_eval['val/ssim']:.3f}")
+    print(f"[ldm] autoencoder on held-out shapes: PSNR {ae_eval['val/psnr']:.2f} dB, SSIM {ae_eval['val/ssim']:.3f}"
+          f"   report: {ae_report}")
     print("[ldm] prompt alignment on {samples} fresh samples: {all_three:.1%} all right  (colour {colour:.1%}, "
-          "shape {shape:.1%}, position {position:.1%})".format(**result))
-    print(f"[ldm] sample grid for 16 prompts: {ldm_run / 'demo' / 'grid.png'}  (prompts in grid_prompts.txt)")
+          "shape {shape:.1%}, position {position:.1%})".format(**result) + f"   report: {ldm_report}")
+    print(f"[ldm] sample grid for 16 prompts, each under its image: {ldm_run / 'demo' / 'grid.png'}")
 
 
 if __name__ == "__main__":

@@ -210,7 +210,9 @@ def generate(task, items: list[dict], *, latent_size, batch_size: int, seed: int
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg) -> None:
-    from torchvision.utils import make_grid, save_image
+    from torchvision.utils import save_image
+
+    from ldm.visualize import captioned_grid
 
     from ldm.errors import RunError
     from ldm.training.runs import load_run
@@ -248,7 +250,8 @@ def main(cfg) -> None:
     for i, (item, img) in enumerate(zip(items, images01)):
         name = re.sub(r"[^a-z0-9]+", "_", str(item.get("caption", item.get("label", "sample"))).lower()).strip("_")
         save_image(img, out / f"{i:04d}_{name[:60]}.png")
-    save_image(make_grid(images01, nrow=min(8, len(images01))), out / "grid.png")
+    captions = [item.get("caption") or (f"class {item['label']}" if "label" in item else "") for item in items]
+    captioned_grid(images, captions).save(out / "grid.png")  # each prompt / label under its image
     print(f"[ldm] {len(images01)} samples from {ckpt} on {device} ({cfg.precision}) -> {out / 'grid.png'}")
 
 

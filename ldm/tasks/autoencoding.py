@@ -13,6 +13,7 @@ from torch import nn
 from ldm.losses.autoencoder import AutoencoderLoss
 from ldm.metrics import lpips_distance, psnr, ssim
 from ldm.tasks.base import RunContext, Task
+from ldm.visualize import Panel, side_by_side
 
 
 class AutoencoderTask(Task):
@@ -41,10 +42,12 @@ class AutoencoderTask(Task):
         return None
 
     @torch.no_grad()
-    def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
+    def visualize(self, batch: dict) -> dict[str, Panel]:
+        """Each reconstruction beside its input, captioned with its PSNR."""
         images = batch["image"]
-        reconstructions, _ = self.autoencoder(images, sample=False)
-        return {"inputs": images, "reconstructions": reconstructions.clamp(-1, 1)}
+        reconstructions = self.autoencoder(images, sample=False)[0].clamp(-1, 1)
+        captions = [c for p in psnr(images, reconstructions).tolist() for c in ("input", f"reconstruction {p:.1f} dB")]
+        return {"reconstructions": Panel(side_by_side(images, reconstructions), captions, group=2)}
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict[str, float]:

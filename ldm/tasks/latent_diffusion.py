@@ -17,6 +17,7 @@ from ldm.diffusion.schedule import NoiseSchedule
 from ldm.modules.conditioning import sample_drop_mask
 from ldm.sampling import SAMPLERS, cfg_model_fn, img2img_timesteps, known_region_model_fn
 from ldm.tasks.base import RunContext, Task
+from ldm.visualize import Panel
 
 
 class LatentDiffusionTask(Task):
@@ -208,16 +209,30 @@ class LatentDiffusionTask(Task):
         return self.conditioner(batch, torch.ones(n, dtype=torch.bool, device=device), latent_size=latent_size)
 
     @torch.no_grad()
-    def visualize(self, batch: dict) -> dict[str, torch.Tensor]:
+    def visualize(self, batch: dict) -> dict[str, Panel]:
+        """Samples for the first 16 held-out conditions, each captioned with what it was asked for,
+        and the held-out images those conditions came from."""
         n = min(16, _batch_size(batch))
         batch = {k: v[:n] for k, v in batch.items()}
         if hasattr(self.conditioner, "masks"):  # inpainting: show the masked inputs and inpaint them
             batch["mask"] = self.conditioner.masks(batch)
         generator = torch.Generator(batch["image"].device).manual_seed(0)  # same noise every time: comparable grids
-        images = {"samples": self.sample(batch, generator=generator), "references": batch["image"]}
+        captions = self.condition_captions(batch)
+        images = {"samples": Panel(self.sample(batch, generator=generator), captions),
+                  "references": Panel(batch["image"], captions)}
         if "mask" in batch:
-            images["masked"] = batch["image"] * (batch["mask"] < 0.5)
+            images["masked"] = Panel(batch["image"] * (batch["mask"] < 0.5), captions)
         return images
+
+    def condition_captions(self, batch: dict) -> list[str] | None:
+        """One line per sample naming its condition (prompt and/or class); None when unconditional."""
+        parts = []
+        for m in self.conditioner.modules():
+            if hasattr(m, "caption_key"):
+                parts.append([str(c) for c in batch[m.caption_key]])
+            if hasattr(m, "label_key"):
+                parts.append([f"class {int(y)}" for y in batch[m.label_key]])
+        return [" | ".join(p) for p in zip(*parts)] if parts else None
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict[str, float]:

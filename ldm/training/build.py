@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from ldm.config import check_targets
 from ldm.data.webdataset import build_loader
+from ldm.training.tracking import tracker_for
 
 
 def batch_geometry(global_batch: int, micro_batch: int | None, world_size: int) -> tuple[int, int]:
@@ -37,7 +38,7 @@ def build_accelerator(cfg) -> tuple[Accelerator, int, int]:
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     world = PartialState(cpu=cpu).num_processes
     micro, accum = batch_geometry(cfg.trainer.batch_size, cfg.trainer.micro_batch_size, world)
-    log_with = None if cfg.logger.kind.value == "none" else "wandb"
+    log_with = tracker_for(cfg)  # None | "wandb" | a TensorBoard tracker writing to run_dir/tensorboard
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.trainer.mixed_precision.value,
                               gradient_accumulation_steps=accum, log_with=log_with, step_scheduler_with_optimizer=False)
     return accelerator, micro, accum

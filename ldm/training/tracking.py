@@ -1,8 +1,10 @@
-"""Experiment tracking: W&B through Accelerate's trackers, plus a CSV log in the run directory.
+"""Experiment tracking: W&B or TensorBoard through Accelerate's trackers, plus a CSV log and PNG grids
+in the run directory (train/report.py turns those into one HTML page).
 
 W&B with no API key raises at `wandb.init`, and with a key but no network it hangs ~100 s; we pick
 offline mode up front when no key is configured (saying so in one line), and fall back to offline if an
-online start fails, so tracking never stops or stalls training.
+online start fails, so tracking never stops or stalls training. TensorBoard (`logger=tensorboard`) needs
+no account or network, for air-gapped clusters: event files go to run_dir/tensorboard.
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import os
 import uuid
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 
@@ -33,8 +34,36 @@ def _run_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def tracker_for(cfg):
+    """What `Accelerator(log_with=...)` gets for `cfg.logger.kind`. TensorBoard is handed as Accelerate's
+    own tracker object, built with its log directory, so the Accelerator needs no `project_dir`."""
+    kind = cfg.logger.kind.value
+    if kind == "tensorboard":
+        from accelerate.tracking import TensorBoardTracker
+
+        return TensorBoardTracker("tensorboard", cfg.run_dir)  # writes to run_dir/tensorboard
+    return None if kind == "none" else kind
+
+
+def flat_config(cfg) -> dict:
+    """The resolved config as {"model.task.unet.model_channels": 64, ...}: TensorBoard's hparams take
+    only scalars and strings."""
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v if isinstance(v, (bool, int, float, str)) else str(v)
+
+    return dict(walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), ""))
+
+
 def init_tracking(accelerator, cfg, run_dir: Path) -> None:
     if cfg.logger.kind.value == "none" or not accelerator.is_main_process:
+        return
+    if cfg.logger.kind.value == "tensorboard":
+        accelerator.init_trackers(cfg.logger.project, config=flat_config(cfg))
+        print(f"[ldm] TensorBoard: logging to {run_dir}/tensorboard (`tensorboard --logdir {run_dir}`)")
         return
     mode = cfg.logger.mode or os.environ.get("WANDB_MODE")
     if mode is None and not _has_wandb_key():
@@ -74,21 +103,28 @@ class CSVLog:
                 w.writerow([step, k, f"{float(v):.6g}"])
 
 
-def log_images(accelerator, step: int, images: dict[str, torch.Tensor], run_dir: Path) -> None:
-    """Save each `[-1,1]` batch as a PNG grid under run_dir/images and send it to W&B."""
-    from torchvision.utils import make_grid, save_image
+def log_images(accelerator, step: int, images: dict, run_dir: Path) -> None:
+    """Save each grid (a `[-1,1]` batch, or a `Panel` with captions) as a readable PNG under
+    run_dir/images and send it to the trackers."""
+    import numpy as np
+
+    from ldm.visualize import Panel, captioned_grid
 
     if not accelerator.is_main_process:
         return
     out = run_dir / "images"
     out.mkdir(exist_ok=True)
     grids = {}
-    for name, x in images.items():
-        grid = make_grid(((x.float().clamp(-1, 1) + 1) / 2).cpu(), nrow=min(8, len(x)))
-        save_image(grid, out / f"{name}_{step:08d}.png")
-        grids[name] = grid
+    for name, panel in images.items():
+        panel = panel if isinstance(panel, Panel) else Panel(panel)
+        grid = captioned_grid(panel.images, panel.captions, group=panel.group)
+        grid.save(out / f"{name}_{step:08d}.png")
+        grids[name] = np.asarray(grid)
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
             import wandb
 
-            tracker.log({k: wandb.Image(g.permute(1, 2, 0).numpy()) for k, g in grids.items()}, step=step)
+            tracker.log({k: wandb.Image(g) for k, g in grids.items()}, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.log_images({k: g[None] for k, g in grids.items()}, step=step, dataformats="NHWC")
+            tracker.writer.flush()
