@@ -36,6 +36,7 @@ def presets(text_encoder: str) -> dict[str, list[str]]:
 
 def main(out, first_stage, shapes_train, shapes_val, mnist_train, mnist_val, text_encoder):
     register_configs()
+    _keep_process_group()
     for name, extra in presets(text_encoder).items():
         train_shards, val_shards, data = (mnist_train, mnist_val, "mnist") if name == "ldm_class" else \
             (shapes_train, shapes_val, "shapes")
@@ -46,6 +47,14 @@ def main(out, first_stage, shapes_train, shapes_val, mnist_train, mnist_val, tex
                 "trainer.max_steps=2", "trainer.trace=true", "logger=none", f"model.first_stage.ckpt={first_stage}",
                 f"run_dir={out}/{name}", *extra])
         train(cfg)
+
+
+def _keep_process_group() -> None:
+    # Accelerate's end_training() destroys the process group, and a second init in the same launch hangs
+    # on the launcher's store: the presets share one group instead.
+    import torch.distributed
+
+    torch.distributed.destroy_process_group = lambda group=None: None
 
 
 if __name__ == "__main__":

@@ -153,6 +153,7 @@ def train(cfg) -> Path:
             seen += len(batch["image"])
             if trace:
                 trace.write("".join(f"{step} {k}\n" for k in batch["key"]))
+                trace.flush()
         for s in schedulers.values():
             s.step()
         if ema is not None and not skip:
