@@ -25,7 +25,7 @@ def test_accelerate_launch_two_cpu_processes(shapes_shards, tmp_path):
            "trainer=debug", "trainer.max_steps=3", "trainer.trace=true", "logger=none", f"run_dir={run_dir}"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 process(es), global batch 4 = 2 x 2 x 1" in proc.stdout
+    assert "2 process(es) (ddp), global batch 4 = 2 x 2 x 1" in proc.stdout
 
     keys, checksums = [], []
     for rank in (0, 1):
