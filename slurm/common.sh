@@ -2,7 +2,9 @@
 # settings, then one launch_node.sh per node with the user's arguments intact ("$@").
 PY=${PY:-.venv/bin/python}  # the submit dir's venv (sbatch --chdir / cd to the repo); override with PY=...
 export PY PROCS_PER_NODE
-export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The head node's address as SLURM knows it (NodeAddr; equals its name on most clusters, an IP on the CI one).
+export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show node "$HEAD_NODE" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)}
 export MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}  # per job: jobs may share a node
 # Signals: torch elastic's agent (inside `accelerate launch`) dies on SIGUSR1 unless told to forward it,
 # and gives the training processes TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds to finish their checkpoint
