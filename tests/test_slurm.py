@@ -58,7 +58,7 @@ def wait_job(job_id: str, out: Path, timeout=300, until=("COMPLETED",)) -> dict[
         if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
             break
         if state == "PENDING" and info.get("Reason") == "BeginTime":  # a requeued job waits; start it now
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "BeginTime=now"], capture_output=True, timeout=30)
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=30)
         time.sleep(0.5)
     log = out / f"slurm-{job_id}.out"
     raise AssertionError(f"job {job_id} is {job(job_id).get('JobState')}, expected {until}\n"
