@@ -80,6 +80,7 @@ def test_two_node_cpu_job_trains_at_world_size_two(cluster, shapes_shards, tiny_
     assert (last_ckpt(run_dir) / "rank_1.pt").is_file()
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert "2 node(s) x 1 process(es)" in log
+    assert shapes_shards["train"] in (run_dir / "config.yaml").read_text()  # the brace pattern arrived intact
 
 
 def test_sigterm_checkpoints_requeues_resumes_bit_identical(cluster, shapes_shards, tiny_autoencoder, tmp_path):
