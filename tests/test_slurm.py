@@ -32,12 +32,12 @@ def cluster():
     return up
 
 
-def sbatch(out: Path, *args, nodes=2) -> str:
+def sbatch(out: Path, *args, nodes=2, script="slurm/train_cpu.sbatch", options=(), env=None) -> str:
     """`sbatch --nodes N slurm/train_cpu.sbatch ARGS` from the repo root; the job runs this venv's python
     and this checkout's `ldm`."""
-    env = {**ENV, "PY": sys.executable}
+    env = {**ENV, "PY": sys.executable, **(env or {})}
     proc = subprocess.run(["sbatch", "--parsable", "--chdir", str(ROOT), "--nodes", str(nodes),
-                           "--output", str(out / "slurm-%j.out"), "slurm/train_cpu.sbatch", *args],
+                           "--output", str(out / "slurm-%j.out"), *options, script, *args],
                           env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
@@ -69,10 +69,14 @@ def last_ckpt(run_dir: Path) -> Path:
     return sorted((run_dir / "checkpoints").glob("step_*"))[-1]
 
 
-def test_two_node_cpu_job_trains_at_world_size_two(cluster, shapes_shards, tiny_autoencoder, tmp_path):
+@pytest.mark.parametrize("script", ["train_cpu", "train"])
+def test_two_node_cpu_job_trains_at_world_size_two(cluster, shapes_shards, tiny_autoencoder, tmp_path, script):
+    """The CPU script, and the GPU script's own path (common.sh, NCCL block, launch_node.sh) with one
+    process per node on these GPU-less nodes (ldm falls back to CPU itself)."""
     run_dir = tmp_path / "run"
+    gpu = dict(options=["--gpus-per-node=0", "--cpus-per-task=1"], env={"GPUS_PER_NODE": "1"}) if script == "train" else {}
     job_id = sbatch(tmp_path, *stage2_args(shapes_shards, tiny_autoencoder, run_dir, "trainer.max_steps=2",
-                                            "data.num_workers=1"))
+                                            "data.num_workers=1"), script=f"slurm/{script}.sbatch", **gpu)
     info = wait_job(job_id, tmp_path)
     assert info["NumNodes"] == "2" and info["ExitCode"] == "0:0", info
     state = json.loads((last_ckpt(run_dir) / "state.json").read_text())
