@@ -85,11 +85,15 @@ def _die_with_launcher() -> None:
 
 def requeue_slurm_job() -> bool:
     """`scontrol requeue $SLURM_JOB_ID`: the job goes back to the queue and its rerun resumes from the
-    checkpoint just written. Returns whether SLURM accepted it (it refuses e.g. a cancelled job)."""
+    checkpoint just written. SLURM kills the job's processes as it requeues, often before `scontrol` has
+    returned here, so the line is printed first. A plain `scancel` also signals the run and (measured on
+    slurm 22.05) the requeue is still accepted: cancel a second time once the job is PENDING, or train
+    with trainer.requeue=false. Returns whether SLURM accepted it."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID") and \
         f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" or os.environ.get("SLURM_JOB_ID")
     if not job:
         return False
+    print(f"[ldm] requeueing SLURM job {job}: it resumes from this checkpoint when it starts again", flush=True)
     try:
         proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -98,5 +102,4 @@ def requeue_slurm_job() -> bool:
     if proc.returncode != 0:
         print(f"[ldm] SLURM refused to requeue job {job}: {proc.stderr.strip() or proc.stdout.strip()}", flush=True)
         return False
-    print(f"[ldm] requeued SLURM job {job}: it resumes from this checkpoint when it starts again", flush=True)
     return True
