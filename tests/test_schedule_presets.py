@@ -37,6 +37,9 @@ SOURCES = {
     "ldm_class": ("compvis", "models/ldm/cin256-v2/config.yaml", (0.0015, 0.0195)),
     "ldm_uncond": ("compvis", "configs/latent-diffusion/celebahq-ldm-vq-4.yaml", (0.0015, 0.0195)),
     "ldm_sr": ("compvis", "models/ldm/bsr_sr/config.yaml", (0.0015, 0.0155)),
+    # SD-inpainting layout on latent-diffusion's inpainting_big schedule (linear_start/end 0.0015/0.0205)
+    "ldm_inpaint": ("compvis", "models/ldm/inpainting_big/config.yaml", (0.0015, 0.0205)),
+    "ldm_inpaint_tiny": ("compvis", "models/ldm/inpainting_big/config.yaml", (0.0015, 0.0205)),
     "sd_v1": ("diffusers", "runwayml/stable-diffusion-v1-5 scheduler", (0.00085, 0.012)),
     "sd_v2": ("diffusers", "stabilityai/stable-diffusion-2-1 scheduler", (0.00085, 0.012)),
     # Our own small presets reuse SD's schedule (the demo with zero terminal SNR, Lin et al. 2024).

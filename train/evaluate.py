@@ -46,7 +46,9 @@ def held_out_metrics(cfg, task, device, batches: int, batch_size: int, inception
             shown = task.visualize(batch)
             if "reconstructions" in shown:
                 features["real"].append(inception(batch["image"]))
-                features["reconstructions"].append(inception(shown["reconstructions"]))
+                recon = shown["reconstructions"]  # a Panel of input | reconstruction pairs, or a tensor
+                recon = recon.images[1::2] if hasattr(recon, "images") else recon
+                features["reconstructions"].append(inception(recon))
     if count == 0:
         raise RuntimeError(f"no held-out samples read from {cfg.data.val_shards or cfg.data.shards}")
     metrics = {k: v / count for k, v in totals.items()}

@@ -118,6 +118,7 @@ def train(cfg) -> Path:
         path = save_checkpoint(run_dir, step, **checkpoint_kwargs)
         seconds = time.perf_counter() - start  # size the SLURM --signal lead time from this (README)
         accelerator.print(f"[ldm] saved {path} ({reason}) in {seconds:.1f} s")
+        accelerator.log({"checkpoint/save_seconds": seconds}, step=step)
         csv_log.write(step, {"checkpoint/save_seconds": seconds})
         return path
 
