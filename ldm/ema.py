@@ -6,6 +6,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ldm.training.parallel import whole
+
 
 def _sharded_parameters(module: nn.Module) -> list[torch.Tensor]:
     """`module`'s parameters in their sharded form under FSDP2: the root stays unsharded after a forward
@@ -14,11 +16,6 @@ def _sharded_parameters(module: nn.Module) -> list[torch.Tensor]:
         if hasattr(m, "reshard") and hasattr(m, "unshard"):  # an FSDPModule
             m.reshard()
     return list(module.parameters())
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor shard (FSDP) gathered to the whole tensor; plain tensors pass through."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class EMA(nn.Module):
@@ -62,8 +59,8 @@ class EMA(nn.Module):
     # (the keys a module's state_dict would have). Under FSDP, `state_dict` gathers the shards: call it
     # on every rank.
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        state = {f"shadow.{n}": _full(t).detach().cpu() for n, t in zip(self.names, self.params)}
-        state.update({f"shadow.{n}": _full(t).detach().cpu() for n, t in zip(self.buffer_names, self.buffers_)})
+        state = {f"shadow.{n}": whole(t).detach().cpu() for n, t in zip(self.names, self.params)}
+        state.update({f"shadow.{n}": whole(t).detach().cpu() for n, t in zip(self.buffer_names, self.buffers_)})
         state["num_updates"] = self.num_updates.detach().cpu()
         return state
 

@@ -93,6 +93,18 @@ def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _component(full: Mapping[str, torch.Tensor], path, prefix: str, probe: str, ignored: tuple[str, ...],
+               what: str) -> dict[str, torch.Tensor]:
+    """One model's weights from a single file: under its CompVis/Stability `prefix`, or a bare state dict
+    (found by the `probe` key) without the `ignored` prefixes."""
+    if prefix + probe in full:
+        return _strip(full, prefix)
+    if probe in full:
+        return {k: v for k, v in full.items() if not k.startswith(ignored)}
+    raise CheckpointMismatchError(f"{path} holds no {what}: no '{prefix}{probe}' (CompVis/Stability) nor a bare "
+                                  f"'{probe}'; keys start {sorted(full)[:3]}")
+
+
 # ------------------------------------------------------------------------------------------------- UNet
 def read_unet_weights(path: str | os.PathLike) -> tuple[dict, dict | None, dict | None]:
     """(UNet state in our names, its EMA or None, architecture from a diffusers config or None)."""
@@ -114,13 +126,7 @@ def read_unet_weights(path: str | os.PathLike) -> tuple[dict, dict | None, dict 
         raise FileNotFoundError(f"{path} is a folder without a diffusers UNet (no unet/config.json, and no "
                                 "config.json of a UNet2DConditionModel)")
     full = read_state_file(path)
-    if UNET_PREFIX + "input_blocks.0.0.weight" in full:
-        state = _strip(full, UNET_PREFIX)
-    elif "input_blocks.0.0.weight" in full:
-        state = {k: v for k, v in full.items() if not k.startswith("model_ema.")}
-    else:
-        raise CheckpointMismatchError(f"{path} holds no UNet: no '{UNET_PREFIX}input_blocks.0.0.weight' (CompVis/"
-                                      f"Stability) nor a bare 'input_blocks.0.0.weight'; keys start {sorted(full)[:3]}")
+    state = _component(full, path, UNET_PREFIX, "input_blocks.0.0.weight", ("model_ema.",), "UNet")
     ema = None
     if any(k.startswith("model_ema.") for k in full):  # completeness is checked against the model when used
         ema = {name: full[key] for name in state if (key := keymap.compvis_ema_key(name)) in full}
@@ -171,14 +177,7 @@ def read_vae_weights(path: str | os.PathLike) -> tuple[dict, dict | None, float]
         raise FileNotFoundError(f"{path} is a folder without a diffusers VAE (no vae/config.json, and no "
                                 "config.json of an AutoencoderKL)")
     full = read_state_file(path)
-    if VAE_PREFIX + "encoder.conv_in.weight" in full:
-        state = _strip(full, VAE_PREFIX)
-    elif "encoder.conv_in.weight" in full:
-        state = {k: v for k, v in full.items() if not k.startswith(VAE_IGNORED_PREFIXES)}
-    else:
-        raise CheckpointMismatchError(f"{path} holds no autoencoder: no '{VAE_PREFIX}encoder.conv_in.weight' "
-                                      f"(CompVis/Stability) nor a bare 'encoder.conv_in.weight'; keys start "
-                                      f"{sorted(full)[:3]}")
+    state = _component(full, path, VAE_PREFIX, "encoder.conv_in.weight", VAE_IGNORED_PREFIXES, "autoencoder")
     # CompVis LatentDiffusion stores scale_factor as a buffer when it measured it (scale_by_std); SD files
     # don't, and use 0.18215. The paper's VQ models ran unscaled (scale_factor 1.0 in their configs).
     default = 1.0 if "quantize.embedding.weight" in state else archs.SD_SCALE_FACTOR

@@ -19,7 +19,7 @@ from ldm.tasks.base import RunContext
 from ldm.training.build import (build_accelerator, build_eval_loader, build_optimizers, build_scheduler,
                                 build_task, build_train_loader, save_config)
 from ldm.training.guard import StepGuard
-from ldm.training.parallel import parallelize
+from ldm.training.parallel import parallelize, whole
 from ldm.training.preemption import StopRequest, requeue_slurm_job
 from ldm.training.tracking import CSVLog, init_tracking, log_images
 
@@ -145,7 +145,7 @@ def train(cfg) -> Path:
                 if accelerator.sync_gradients:
                     accelerator.unscale_gradients()
                     norms = {k: torch.nn.utils.clip_grad_norm_(ps, clip) for k, ps in groups.items()}
-                    norms = {k: _full(n) for k, n in norms.items()}  # FSDP: DTensor -> tensor
+                    norms = {k: whole(n) for k, n in norms.items()}  # FSDP: DTensor -> tensor
                     skip = guard.skip(loss, norms, step + 1)  # NaN/Inf: same decision on every rank
                 for opt in opts.values():
                     if not skip or accelerator.scaler is not None:  # fp16: the scaler skips it, and must see it
@@ -183,7 +183,7 @@ def train(cfg) -> Path:
     bar.close()
     data.close()  # shut the loader workers down now (they ignore SIGTERM: see ignore_stop_signals)
     if trace:
-        checksum = sum(float(_full(p).detach().double().sum()) for p in task.parameters())
+        checksum = sum(float(whole(p).detach().double().sum()) for p in task.parameters())
         trace.write(f"checksum {checksum!r}\n")
         if ema is not None:  # the EMA must be the same on every rank (a known fault elsewhere)
             trace.write(f"ema_checksum {sum(float(v.double().sum()) for v in ema.state_dict().values())!r}\n")
@@ -213,9 +213,5 @@ def micro_batch_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "little") >> 1
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def _scalar(v) -> float:
-    return float(_full(v).detach()) if torch.is_tensor(v) else float(v)
+    return float(whole(v).detach()) if torch.is_tensor(v) else float(v)

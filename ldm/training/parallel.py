@@ -41,5 +41,11 @@ def parallelize(task: nn.Module, strategy: str, accelerator) -> nn.Module:
     return accelerator.prepare(task)
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor shard (FSDP) gathered to the whole tensor (a collective: every rank calls it); plain
+    tensors pass through."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def is_sharded(module: nn.Module) -> bool:
     return any(hasattr(p, "device_mesh") for p in module.parameters())
