@@ -79,6 +79,9 @@ class TrainerConfig:
     stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # checkpoint and stop
     requeue: bool = True  # under SLURM, a run stopped by a signal requeues its job (scontrol requeue)
     max_bad_steps: int = 20  # consecutive steps with a non-finite loss/grad (each skipped) before the run stops
+    # Peak dense TFLOP/s of one device, the denominator of train/mfu (ldm/training/meter.py). None: on CUDA
+    # the H100/H200 SXM figure, 989 (bf16/fp16) or 494.5 (fp32, run as TF32); on CPU no MFU is logged.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -191,6 +194,9 @@ def check_trainer(cfg: Any) -> None:
                     "ckpt_every": " (a checkpoint is always written at the end; a value >= max_steps saves only "
                                   "there)"}.get(key, "")
             raise ConfigError(f"trainer.{key}={value}: must be >= 1{hint}")
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise ConfigError(f"trainer.peak_tflops={t.peak_tflops}: must be > 0 (TFLOP/s of one device), or null "
+                          f"for the default")
     for key, zero in (("eval_every", "only at the end"), ("keep_last", "keep all"), ("lr_warmup_steps", "none")):
         if t[key] < 0:
             raise ConfigError(f"trainer.{key}={t[key]}: must be >= 0 (0 = {zero})")

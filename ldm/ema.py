@@ -42,12 +42,20 @@ class EMA(nn.Module):
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        d = self.current_decay()
-        torch._foreach_lerp_(self.params, [p.detach() for p in _sharded_parameters(module)], 1.0 - d)
+    def update(self, module: nn.Module, skip: torch.Tensor | None = None) -> None:
+        """One EMA step towards `module`'s weights. `skip` (a 0-dim device flag, 1 = the optimizer step was
+        skipped, ldm/training/guard.py) makes it a no-op without reading the flag on the host: the
+        weight 1 - d is multiplied by 1 - skip and num_updates grows by 1 - skip. The decay is computed
+        on the device in float64, as Python computed it, so the update is bit-identical to a host one."""
+        n = self.num_updates.double()
+        d = torch.clamp((1 + n) / (10 + n), max=self.decay) if self.warmup else torch.full_like(n, self.decay)
+        keep = 1 - skip.double() if skip is not None else torch.ones_like(n)
+        params = [p.detach() for p in _sharded_parameters(module)]
+        if params:
+            torch._foreach_lerp_(self.params, params, ((1 - d) * keep).to(self.params[0].dtype))
         for b_ema, b in zip(self.buffers_, module.buffers()):
             b_ema.copy_(b)
-        self.num_updates += 1
+        self.num_updates += keep.long()
 
     def to(self, *args, **kwargs):
         super().to(*args, **kwargs)

@@ -209,13 +209,19 @@ def test_guard_decision_is_shared_by_all_ranks():
     module = torch.nn.BatchNorm1d(2)
     guard = StepGuard(2, all_reduce_sum=lambda t: t + 1, main_process=False, module=module)
     module.running_mean.fill_(float("nan"))
-    assert guard.skip(torch.tensor(1.0), {"g": torch.tensor(1.0)}, step=1)
-    assert torch.equal(module.running_mean, torch.zeros(2)) and guard.skipped == 1
+    assert guard.update(torch.tensor(1.0), {"g": torch.tensor(1.0)}) == 1  # a device flag, not a bool
+    assert torch.equal(module.running_mean, torch.zeros(2)) and guard.check(step=1) == 1
+    guard.update(torch.tensor(1.0), {"g": torch.tensor(1.0)})
     with pytest.raises(NonFiniteError, match="2 steps in a row"):
-        guard.skip(torch.tensor(1.0), {"g": torch.tensor(1.0)}, step=2)
+        guard.check(step=2)
     alone = StepGuard(2, all_reduce_sum=lambda t: t)
-    assert alone.skip(torch.tensor(float("inf")), {}, 1) and not alone.skip(torch.tensor(1.0), {}, 2)
-    assert alone.in_a_row == 0 and alone.skipped == 1
+    assert alone.update(torch.tensor(float("inf")), {}) == 1 and alone.update(torch.tensor(1.0), {}) == 0
+    assert alone.check(step=2) == 1 and alone.counts[1] == 0  # none in a row now
+    # Two skips in a row between two checks stop the run even if a good step followed them.
+    for loss in (float("nan"), float("nan"), 1.0):
+        alone.update(torch.tensor(loss), {})
+    with pytest.raises(NonFiniteError, match="2 steps in a row"):
+        alone.check(step=5)
 
 
 def test_non_finite_weights_are_never_written(tmp_path):

@@ -43,5 +43,5 @@ def _captions_with_nulls(batch: dict, key: str, drop, where: str) -> list[str]:
 def _zero_dropped(x: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
     if drop is None:
         return x
-    keep = (~drop.to(x.device)).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    keep = (~drop.to(x.device, non_blocking=True)).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
     return x * keep

@@ -137,7 +137,7 @@ class TransformerTextEncoder(nn.Module):
                                "fit_tokenizer(captions) before training, or load a checkpoint that has one")
         ids, mask = self.tokenizer.encode(captions, self.max_length)
         device = self.position_embedding.device
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)  # no stream sync
         x = self.token_embedding(ids) + self.position_embedding
         for block in self.blocks:
             x = block(x, mask)
@@ -174,7 +174,8 @@ class ClassEmbedder(nn.Module):
                              f"[0, {self.num_classes}): min {labels.min().item()}, max {labels.max().item()}")
         drop = _check_drop(drop, labels.shape[0], "ClassEmbedder")
         if drop is not None:
-            labels = torch.where(drop.to(labels.device), torch.full_like(labels, self.num_classes), labels)
+            labels = torch.where(drop.to(labels.device, non_blocking=True), torch.full_like(labels, self.num_classes),
+                                 labels)
         return {"context": self.embedding(labels)[:, None, :]}
 
 

@@ -143,7 +143,7 @@ class FrozenHFTextEncoder(nn.Module):
         tok = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         device = next(self.model.parameters()).device
-        ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+        ids, mask = tok["input_ids"].to(device, non_blocking=True), tok["attention_mask"].to(device, non_blocking=True)
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask if self.pass_attention_mask else None,
                              output_hidden_states=self.output != "last_hidden_state")

@@ -33,6 +33,10 @@ class AutoencoderTask(Task):
         reconstructions, regularization = self.autoencoder(images, sample=self.sample_posterior)
         return self.loss(images, reconstructions, regularization, step, self.autoencoder.last_layer())
 
+    def step_phase(self, step: int) -> bool:
+        """The discriminator's forwards and the adaptive weight's gradients start at disc_start."""
+        return step >= self.loss.disc_start and self.loss.disc_factor > 0
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         # logvar belongs to the generator side: it scales the nll the autoencoder minimises.
         return {"autoencoder": [*self.autoencoder.parameters(), self.loss.logvar],

@@ -36,6 +36,10 @@ class Task(nn.Module):
         """After the last step, before the final checkpoint (e.g. stage 1 measures its latents and writes
         the file stage 2 loads). Called on every rank: collectives are allowed."""
 
+    def step_phase(self, step: int) -> object:
+        """Steps with equal phases cost the same FLOPs; the throughput meter counts them once per phase."""
+        return 0
+
     def shard_units(self) -> list[nn.Module]:
         """Sub-modules to shard with FSDP (`trainer.strategy=fsdp`), innermost first; each becomes one
         all-gather unit. A task that returns none cannot be sharded."""

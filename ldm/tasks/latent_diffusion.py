@@ -131,7 +131,9 @@ class LatentDiffusionTask(Task):
         b = z.shape[0]
         noise = offset_noise(torch.randn_like(z), self.offset_noise)
         t = torch.randint(0, self.schedule.num_timesteps, (b,), device=z.device)
-        drop = sample_drop_mask(b, self.ucg_rate, device=z.device) if self.training else None
+        # The drop mask is drawn on the host: text conditioners need it there, and reading a device mask
+        # would be a host sync every step (the others copy it over without blocking).
+        drop = sample_drop_mask(b, self.ucg_rate, device="cpu") if self.training else None
         cond = self.conditioner(batch, drop, latent_size=tuple(z.shape[-2:]))
         out = self.denoise(add_noise(self.schedule, z, noise, t), t, cond)
         loss = diffusion_loss(self.schedule, out, z, noise, t, self.parameterization, self.loss_weighting,

@@ -19,6 +19,7 @@ from ldm.tasks.base import RunContext
 from ldm.training.build import (build_accelerator, build_eval_loader, build_optimizers, build_scheduler,
                                 build_task, build_train_loader, save_config)
 from ldm.training.guard import StepGuard
+from ldm.training.meter import ThroughputMeter, count_step_flops, default_peak_tflops
 from ldm.training.parallel import parallelize, whole
 from ldm.training.preemption import StopRequest, requeue_slurm_job
 from ldm.training.tracking import CSVLog, init_tracking, log_images
@@ -114,9 +115,11 @@ def train(cfg) -> Path:
                              keep_last=cfg.trainer.keep_last)
 
     def checkpoint(reason: str) -> Path:
-        start = time.perf_counter()
-        path = save_checkpoint(run_dir, step, **checkpoint_kwargs)
-        seconds = time.perf_counter() - start  # size the SLURM --signal lead time from this (README)
+        guard.check(step)  # a diverged run stops here instead of saving (its weights are the last finite ones)
+        with meter.excluded():
+            start = time.perf_counter()
+            path = save_checkpoint(run_dir, step, **checkpoint_kwargs)
+            seconds = time.perf_counter() - start  # size the SLURM --signal lead time from this (README)
         accelerator.print(f"[ldm] saved {path} ({reason}) in {seconds:.1f} s")
         accelerator.log({"checkpoint/save_seconds": seconds}, step=step)
         csv_log.write(step, {"checkpoint/save_seconds": seconds})
@@ -128,17 +131,32 @@ def train(cfg) -> Path:
                                                                        accelerator.is_main_process), dynamic_ncols=True)
     clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
     guard = StepGuard(cfg.trainer.max_bad_steps, lambda t: accelerator.reduce(t, "sum"), accelerator.is_main_process,
-                      task)
-    tick, seen = time.perf_counter(), 0
+                      task, accelerator.device)
+    cuda = accelerator.device.type == "cuda"
+    peak = cfg.trainer.peak_tflops or default_peak_tflops(accelerator.device.type, cfg.trainer.mixed_precision.value)
+    meter = ThroughputMeter(world, peak, synchronize=torch.cuda.synchronize if cuda else None)
+    flops_per_image = {}  # by task.step_phase(step): counted on the first micro-batch of each phase
+    # No host sync inside the step (a .item() or float() of a device tensor waits for the GPU queue to drain):
+    # the NaN guard's decision stays on the device, and values are read only at log steps.
     # The stop decision is all-reduced after every step, so all ranks leave the loop at the same step.
     while step < cfg.trainer.max_steps and not stop.agreed():
-        skip = False
+        skip = None
         for micro_step in range(accum):
             # The random draws of each micro-batch (noise, timesteps, condition dropout) come from a seed of
             # (seed, its index in the global batch stream): a run's randomness does not depend on how many
             # processes share the global batch, so 2 processes train the same model as 1.
             torch.manual_seed(micro_batch_seed(cfg.trainer.seed, (step * accum + micro_step) * world + rank))
-            batch = to_device(next(data), accelerator.device)
+            with meter.waiting():
+                batch = next(data)
+            batch = to_device(batch, accelerator.device)
+            images, phase = len(batch["key"]), task.step_phase(step)
+            if phase not in flops_per_image:
+                with meter.excluded():
+                    flops_per_image[phase] = count_step_flops(task, batch, step, accelerator.autocast) / images
+                accelerator.print(f"[ldm] meter: {flops_per_image[phase] / 1e9:.4g} GFLOP per image per training "
+                                  f"step from step {step} (forward + backward, FlopCounterMode), peak "
+                                  + (f"{peak:g} TFLOP/s per device" if peak else "unknown: no train/mfu "
+                                     "(trainer.peak_tflops)"))
             with accelerator.accumulate(model), accelerator.autocast():
                 loss, logs = model(batch, step)
                 accelerator.backward(loss)
@@ -146,36 +164,37 @@ def train(cfg) -> Path:
                     accelerator.unscale_gradients()
                     norms = {k: torch.nn.utils.clip_grad_norm_(ps, clip) for k, ps in groups.items()}
                     norms = {k: whole(n) for k, n in norms.items()}  # FSDP: DTensor -> tensor
-                    skip = guard.skip(loss, norms, step + 1)  # NaN/Inf: same decision on every rank
+                    skip = guard.update(loss, norms)  # NaN/Inf: a device flag, the same on every rank
+                    if accelerator.scaler is None:  # (fp16: the GradScaler sets found_inf from its own check)
+                        for opt in optimizers.values():
+                            opt.found_inf = skip  # fused AdamW: 1 leaves weights, moments and step count as they are
                 for opt in opts.values():
-                    if not skip or accelerator.scaler is not None:  # fp16: the scaler skips it, and must see it
-                        opt.step()
+                    opt.step()
                     opt.zero_grad(set_to_none=True)
-            seen += len(batch["image"])
+            meter.add(images, flops_per_image[phase] * images)
             if trace:
                 trace.write("".join(f"{step} {k}\n" for k in batch["key"]))
                 trace.flush()
         for s in schedulers.values():
             s.step()
-        if ema is not None and not skip:
-            ema.update(ema_target)
+        if ema is not None:
+            ema.update(ema_target, skip)
         step += 1
         bar.update(1)
 
-        if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
-            elapsed = time.perf_counter() - tick
+        if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:  # the host reads values here only
             values = {f"train/{k}": _scalar(v) for k, v in logs.items()}
             values.update({f"grad_norm/{k}": _scalar(v) for k, v in norms.items()})
             values.update({f"lr/{k}": s.get_last_lr()[0] for k, s in schedulers.items()})
-            values["train/img_per_s"] = seen * world / elapsed
-            values["train/skipped_steps"] = guard.skipped
+            values["train/skipped_steps"] = guard.check(step)  # NonFiniteError after max_bad_steps in a row
+            values.update(meter.read())  # img_per_s, tflops, mfu, data_wait
             values.update({f"data/skipped_{k}": v for k, v in loader.skipped.items()})
-            bar.set_postfix(loss=f"{values.get('train/loss', float('nan')):.4f}", img_s=f"{values['train/img_per_s']:.1f}")
+            bar.set_postfix(_progress(values))
             accelerator.log(values, step=step)
             csv_log.write(step, values)
-            tick, seen = time.perf_counter(), 0
         if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.max_steps:
-            metrics = evaluate(task, cfg, accelerator, step, run_dir, ema)
+            with meter.excluded():
+                metrics = evaluate(task, cfg, accelerator, step, run_dir, ema)
             accelerator.log(metrics, step=step)
             csv_log.write(step, metrics)
         if step % cfg.trainer.ckpt_every == 0 and step < cfg.trainer.max_steps:
@@ -211,6 +230,12 @@ def train(cfg) -> Path:
 
 def micro_batch_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "little") >> 1
+
+
+def _progress(values: dict) -> dict[str, str]:
+    shown = {"loss": ("train/loss", ".4f"), "img_s": ("train/img_per_s", ".1f"), "mfu": ("train/mfu", ".1%"),
+             "tflops": ("train/tflops", ".3g"), "wait": ("train/data_wait", ".0%")}
+    return {k: format(values[key], spec) for k, (key, spec) in shown.items() if key in values}
 
 
 def _scalar(v) -> float:
