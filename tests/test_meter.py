@@ -6,6 +6,8 @@ loop in-process for the logged keys, the evaluation kept out of the window and t
 syncs outside log steps."""
 import functools
 import math
+import os
+import subprocess
 import sys
 import time
 import traceback
@@ -363,11 +365,9 @@ def test_guard_masks_optimizer_and_ema_on_the_device(shapes_shards, tiny_autoenc
 
 def test_optimizer_benchmark_runs():
     """The BENCHMARKS.md command (fewer steps): fused, foreach and the for-loop side by side."""
-    import os
-    import subprocess
-
-    proc = subprocess.run([sys.executable, "benchmarks/bench_optimizer.py", "--model", "ldm_txt2img_demo", "--steps", "2",
-                           "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    command = [sys.executable, "benchmarks/bench_optimizer.py", "--model", "ldm_txt2img_demo", "--steps", "2",
+               "--rounds", "1"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ratio fused / foreach = " in proc.stdout and "max |fused - foreach| weight difference" in proc.stdout

@@ -132,9 +132,8 @@ def train(cfg) -> Path:
     clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
     guard = StepGuard(cfg.trainer.max_bad_steps, lambda t: accelerator.reduce(t, "sum"), accelerator.is_main_process,
                       task, accelerator.device)
-    cuda = accelerator.device.type == "cuda"
     peak = cfg.trainer.peak_tflops or default_peak_tflops(accelerator.device.type, cfg.trainer.mixed_precision.value)
-    meter = ThroughputMeter(world, peak, synchronize=torch.cuda.synchronize if cuda else None)
+    meter = ThroughputMeter(world, peak, synchronize=torch.cuda.synchronize if torch.cuda.is_available() else None)
     flops_per_image = {}  # by task.step_phase(step): counted on the first micro-batch of each phase
     # No host sync inside the step (a .item() or float() of a device tensor waits for the GPU queue to drain):
     # the NaN guard's decision stays on the device, and values are read only at log steps.
@@ -153,10 +152,7 @@ def train(cfg) -> Path:
             if phase not in flops_per_image:
                 with meter.excluded():
                     flops_per_image[phase] = count_step_flops(task, batch, step, accelerator.autocast) / images
-                accelerator.print(f"[ldm] meter: {flops_per_image[phase] / 1e9:.4g} GFLOP per image per training "
-                                  f"step from step {step} (forward + backward, FlopCounterMode), peak "
-                                  + (f"{peak:g} TFLOP/s per device" if peak else "unknown: no train/mfu "
-                                     "(trainer.peak_tflops)"))
+                accelerator.print(meter.describe(flops_per_image[phase], step))
             with accelerator.accumulate(model), accelerator.autocast():
                 loss, logs = model(batch, step)
                 accelerator.backward(loss)

@@ -93,8 +93,9 @@ class ModelFlopCounter(FlopCounterMode):
 
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs (multiply-add = 2) of the matmuls, convolutions and attention `fn()` runs, backward
-    included if `fn` runs one. For benchmarks: `count_flops(lambda: unet(x, t, c).mean().backward())`."""
-    with ModelFlopCounter() as counter:
+    included if `fn` runs one. For benchmarks: `count_flops(lambda: unet(x, t, c).mean().backward())`.
+    Compiled modules run eagerly here (same ops, no compilation under the counter)."""
+    with torch.compiler.set_stance("force_eager"), ModelFlopCounter() as counter:
         fn()
     return counter.get_total_flops()
 
@@ -105,6 +106,11 @@ def count_step_flops(task: torch.nn.Module, batch: dict, step: int,
     runs them (under `autocast()`), on the real batch. It changes nothing a training step would see:
     the RNG streams are forked, buffers (BatchNorm statistics, VQ usage counters) restored, gradients
     put back as they were; no optimizer steps. Under FSDP every rank must call it (the forward gathers)."""
+    def training_step():
+        with autocast():
+            loss, _ = task(batch, step)
+        loss.backward()
+
     params = [p for p in task.parameters() if p.requires_grad]
     grads = [p.grad for p in params]
     buffers = list(task.buffers())
@@ -114,11 +120,7 @@ def count_step_flops(task: torch.nn.Module, batch: dict, step: int,
         p.grad = None
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-            def step_fn():
-                with autocast():
-                    loss, _ = task(batch, step)
-                loss.backward()
-            return count_flops(step_fn)
+            return count_flops(training_step)
     finally:
         with torch.no_grad():
             for p, g in zip(params, grads):
@@ -175,6 +177,12 @@ class ThroughputMeter:
         """One micro-batch of `images` images done on this rank, costing `flops`."""
         self.images += images
         self.flops += flops
+
+    def describe(self, flops_per_image: float, step: int) -> str:
+        peak = f"{self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else "unknown: no train/mfu " \
+            "(trainer.peak_tflops)"
+        return (f"[ldm] meter: {flops_per_image / 1e9:.4g} GFLOP per image per training step from step {step} "
+                f"(forward + backward, FlopCounterMode), peak {peak}")
 
     def read(self) -> dict[str, float]:
         self.synchronize()
