@@ -2,13 +2,15 @@
 
 FLOPs are counted, not estimated: `count_step_flops` runs one real training micro-batch (forward and
 backward of the task's loss) under torch's `FlopCounterMode` once, when the run starts (and again when
-the task enters a costlier phase: stage 1's GAN at `disc_start`). Two gaps of the stock counter are
+the task enters a costlier phase: stage 1's GAN at `disc_start`). Three gaps of the stock counter are
 closed here:
 * SDPA on CPU runs `aten._scaled_dot_product_flash_attention_for_cpu`, which torch 2.14's counter does
   not know (it counted 0 FLOPs for attention on CPU); it gets the formula of the CUDA kernels.
 * Activation checkpointing recomputes the forward of a checkpointed block inside the backward. MFU is
   *model* FLOPs utilisation (PaLM, Chowdhery et al. 2022, App. B): the recomputation is not counted, so
   the MFU of the same model with and without checkpointing is comparable.
+* Its per-module tracker breaks `torch.autograd.grad` on a parameter (stage 1's adaptive GAN weight), so
+  only the total is kept.
 
 The window of the meter is the wall time between two log steps minus what `excluded()` wraps
 (evaluation, checkpoints, the FLOP count itself): img/s measures training, not the rest.
