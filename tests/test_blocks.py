@@ -312,3 +312,28 @@ def test_training_with_checkpointing_and_compile_two_processes(strategy, shapes_
     assert "torch.compile failed" not in log
     assert checksums(run_dir, 0) == checksums(run_dir, 1) and len(checksums(run_dir, 0)) == 2
     assert json.loads((run_dir / "final_metrics.json").read_text())["step"] == 2
+
+
+# -- the benchmark scripts (BENCHMARKS.md), at a tiny size ----------------------------------------------
+
+def test_checkpointing_benchmark_runs_and_full_saves_memory():
+    import sys
+
+    out = run([sys.executable, "benchmarks/bench_checkpointing.py", "--model", "ldm_txt2img_tiny", "--sizes", "16",
+               "--batch", "8", "--steps", "1"]).stdout
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith(" 16x16")}
+    assert set(rows) == set(MODES)
+    activations = {mode: float(row[-2]) for mode, row in rows.items()}
+    assert activations["full"] < activations["selective"] < activations["none"]
+
+
+@pytest.mark.slow
+def test_compile_benchmark_runs():
+    import sys
+
+    out = run([sys.executable, "benchmarks/bench_compile.py", "--model", "ldm_txt2img_tiny", "--batch", "4",
+               "--steps", "2"]).stdout
+    assert "17 blocks compiled" not in out and "15 blocks compiled" in out  # the UNet's blocks only
+    assert "speed-up compiled vs eager" in out
+    first = out.split("first step:")[1].split("loss ")[1].split()
+    assert float(first[0]) == pytest.approx(float(first[2]), rel=1e-4)
