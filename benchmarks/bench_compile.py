@@ -47,6 +47,7 @@ def main() -> None:
     p.add_argument("--cache-dir", default=None, help="inductor cache (default: a fresh one: a cold compile)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
+    cached = bool(args.cache_dir) and Path(args.cache_dir).is_dir() and any(Path(args.cache_dir).iterdir())
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.cache_dir or tempfile.mkdtemp(prefix="inductor-")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,7 +74,7 @@ def main() -> None:
         loss.backward()
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
-        return time.perf_counter() - start, time.process_time() - cpu, float(loss)
+        return time.perf_counter() - start, time.process_time() - cpu, float(loss.detach())
 
     eager_first = step("eager")
     compiled_first = step("compiled")
@@ -86,8 +87,8 @@ def main() -> None:
             samples[name][0].append(wall)
             samples[name][1].append(cpu)
     med = {name: (statistics.median(w), statistics.median(c)) for name, (w, c) in samples.items()}
-    print(f"\ncompile time {compiled_first[0] - med['eager'][0]:.1f} s (wall, cold cache: "
-          f"{args.cache_dir is None}); load {os.getloadavg()[0]:.2f}")
+    print(f"\ncompile time {compiled_first[0] - med['eager'][0]:.1f} s (wall, {'warm' if cached else 'cold'} "
+          f"inductor cache); load {os.getloadavg()[0]:.2f}")
     for name, (wall, cpu) in med.items():
         print(f"{name:>9}: {wall * 1e3:8.1f} ms/step wall  {cpu * 1e3:8.1f} ms/step cpu  "
               f"{args.batch / wall:7.1f} img/s")

@@ -172,6 +172,23 @@ def test_a_deep_copy_runs_its_own_weights():
     assert not torch.allclose(twin(x, t, context=context), model(x, t, context=context))
 
 
+def test_a_run_saved_with_the_old_use_checkpoint_key_still_loads(tiny_runs, tmp_path):
+    """Runs written before this change carry `model.task.unet.use_checkpoint` (the SD-size presets set it)."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from ldm.training.runs import load_run
+
+    run_dir = tmp_path / "old"
+    shutil.copytree(tiny_runs["ldm"], run_dir)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg.model.task.unet.use_checkpoint = True
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    _, task, _ = load_run(run_dir)
+    assert not hasattr(task.unet, "use_checkpoint") and len(task.blocks()) == 17
+
+
 def test_bad_calls_fail_with_clear_errors():
     model = tiny_unet()
     with pytest.raises(ValueError, match="activation_checkpointing='some': choose one of none, full, selective"):
