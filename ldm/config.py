@@ -30,6 +30,12 @@ class Strategy(str, Enum):
     fsdp = "fsdp"
 
 
+class ActivationCheckpointing(str, Enum):
+    none = "none"
+    full = "full"
+    selective = "selective"
+
+
 class LRSchedule(str, Enum):
     constant = "constant"
     cosine = "cosine"
@@ -73,6 +79,11 @@ class TrainerConfig:
     seed: int = 0
     latent_stat_batches: int = 8  # stage 1: batches used to measure latent mean/std at the end
     channels_last: bool = False  # memory format for conv-heavy models
+    # Recompute block activations in backward (ldm/training/blocks.py): none | full (store each block's
+    # inputs only: least memory, ~1/3 more compute) | selective (also keep matmul/conv/attention outputs,
+    # recompute norms and activations). The SD-size presets set full; docs/training.md has the trade-off.
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
+    compile: bool = False  # torch.compile each block separately (training steps only; a failing block runs eagerly)
     threads: Optional[int] = None  # torch CPU threads per process (None: torch's default); 1 wins on busy CPUs
     progress: bool = True  # tqdm progress bar on the main process
     trace: bool = False  # write run_dir/trace_rank<r>.txt: sample keys read + final weight checksum

@@ -25,7 +25,7 @@ register_configs()
 SHARD_EXAMPLE = "/data/laion/{000000..012345}.tar"
 TINY_SD_V1 = ["model.task.unet.model_channels=32", "model.task.unet.channel_mult=[1,2]",
               "model.task.unet.num_res_blocks=1", "model.task.unet.attention_resolutions=[1]",
-              "model.task.unet.use_checkpoint=false", "data.image_size=32", "data.num_workers=1",
+              "data.image_size=32", "data.num_workers=1",
               "data.shuffle_buffer=16", "trainer=debug", "trainer.max_steps=2", "logger=none",
               "model.ema.warmup=false"]
 

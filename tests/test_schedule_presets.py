@@ -48,10 +48,17 @@ SOURCES = {
 }
 
 
+def model_preset(path):
+    """The `model` node of a conf/model file; the `# @package _global_` ones (which also set a trainer key)
+    hold it under `model:`."""
+    cfg = OmegaConf.load(path)
+    return cfg.model if path.read_text().startswith("# @package _global_") else cfg
+
+
 def presets_with_schedule() -> list[str]:
     names = []
     for path in sorted(CONF.glob("*.yaml")):
-        task = OmegaConf.load(path).get("task")
+        task = model_preset(path).get("task")
         if task is not None and "schedule" in task:
             names.append(path.stem)
     return names
@@ -66,7 +73,7 @@ def test_every_preset_with_a_schedule_names_its_source():
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_preset_betas_match_their_source(name):
     source, _, (start, end) = SOURCES[name]
-    schedule = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml").task.schedule)
+    schedule = OmegaConf.to_container(model_preset(CONF / f"{name}.yaml").task.schedule)
     assert schedule.get("num_timesteps", 1000) == 1000
     ours = make_betas(schedule["kind"], 1000, schedule.get("beta_start"), schedule.get("beta_end"))
     zero_snr = schedule.get("zero_terminal_snr", False)

@@ -269,7 +269,7 @@ def vae_arch_from_model(model: nn.Module) -> dict[str, Any]:
 def compvis_yaml(path: str) -> dict[str, Any]:
     """Read a CompVis/Stability model YAML (v1-inference.yaml, v2-inference-v.yaml, an LDM config.yaml):
     {"unet": UNetModel kwargs, "autoencoder": AutoencoderKL/VQModel kwargs, "scale_factor": float}, each
-    present when the YAML has it. Keys our classes do not take (use_fp16, image_size, legacy, ...) are dropped."""
+    present when the YAML has it. Keys our classes do not take (use_fp16, image_size, legacy, use_checkpoint, ...) are dropped."""
     import inspect
 
     from omegaconf import OmegaConf
@@ -282,7 +282,7 @@ def compvis_yaml(path: str) -> dict[str, Any]:
     unet = params.get("unet_config", {}).get("params")
     if unet is not None:
         accepted = inspect.signature(UNetModel).parameters
-        out["unet"] = {k: v for k, v in unet.items() if k in accepted and k != "use_checkpoint"}
+        out["unet"] = {k: v for k, v in unet.items() if k in accepted}  # use_checkpoint: trainer.activation_checkpointing
     first = params.get("first_stage_config", {})
     if "ddconfig" in first.get("params", {}):
         vq = "n_embed" in first["params"]

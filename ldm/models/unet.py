@@ -33,7 +33,7 @@ class UNetModel(nn.Module):
                  attention_resolutions: Sequence[int], channel_mult: Sequence[int] = (1, 2, 4, 8),
                  num_heads: int = -1, num_head_channels: int = -1, transformer_depth: int = 1,
                  context_dim: int | None = None, use_linear_in_transformer: bool = False,
-                 num_classes: int | None = None, use_checkpoint: bool = False, dropout: float = 0.0,
+                 num_classes: int | None = None, dropout: float = 0.0,
                  attention_backend: str = "sdpa", conv_resample: bool = True,
                  use_spatial_transformer: bool | None = None, use_scale_shift_norm: bool = False,
                  norm_groups: int = 32, transformer_pos_embed: bool = False):
@@ -53,7 +53,7 @@ class UNetModel(nn.Module):
         time_embed_dim = model_channels * 4
 
         def res_block(ch_in: int, ch_out: int) -> ResBlock:
-            return ResBlock(ch_in, time_embed_dim, dropout, ch_out, use_scale_shift_norm, use_checkpoint, norm_groups)
+            return ResBlock(ch_in, time_embed_dim, dropout, ch_out, use_scale_shift_norm, norm_groups)
 
         def attention(ch: int) -> nn.Module:
             heads = num_heads if num_head_channels == -1 else ch // num_head_channels
@@ -61,9 +61,9 @@ class UNetModel(nn.Module):
                 raise ValueError(f"UNetModel: {ch} channels are not divisible into {heads} heads")
             if use_spatial_transformer:
                 return SpatialTransformer(ch, heads, ch // heads, transformer_depth, dropout, context_dim,
-                                          use_linear_in_transformer, attention_backend, use_checkpoint, norm_groups,
+                                          use_linear_in_transformer, attention_backend, norm_groups,
                                           transformer_pos_embed)
-            return AttentionBlock(ch, heads, -1, use_checkpoint, attention_backend, norm_groups)
+            return AttentionBlock(ch, heads, -1, attention_backend, norm_groups)
 
         # Timestep t -> sinusoid -> MLP (DDPM, Ho et al. 2020 App. B); class labels add to it.
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),

@@ -12,17 +12,19 @@ xformers wants — and returns ``(B, Lq, H, D)``:
 
 - ``sdpa`` (default): ``torch.nn.functional.scaled_dot_product_attention``; flash / memory-efficient
   kernels on CPU and GPU (at length 8192 on CPU: +20 MB instead of +4.6 GB for the naive product).
-- ``xformers``: ``xformers.ops.memory_efficient_attention``; its kernels are CUDA-only.
+- ``xformers``: ``xformers.ops.memory_efficient_attention``; its kernels are CUDA-only, and a wheel
+  built for another torch imports fine but has none (seen: xformers 0.0.35 on torch 2.11). A tiny
+  probe call at model construction turns either case into one clear error (``xformers_problem``).
 - ``math``: the explicit formula in float32, the reference the others are tested against.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 XFORMERS_ERROR = "attention_backend=xformers needs xformers on CUDA; use attention_backend=sdpa"
 
@@ -44,6 +46,32 @@ def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return xops.memory_efficient_attention(q, k, v)
 
 
+@functools.lru_cache(maxsize=None)
+def xformers_problem(device: str | None = None) -> str | None:
+    """Why ``attention_backend=xformers`` cannot run here, in one sentence, or None if it can. The
+    kernels are probed with one tiny call on ``device`` (default: CUDA when this process has a GPU)."""
+    try:
+        import xformers
+        import xformers.ops as xops
+    except Exception as error:  # noqa: BLE001 - not installed (ImportError), or a broken install
+        return f"attention_backend=xformers needs the xformers package ({error}); use attention_backend=sdpa"
+    if device is None:
+        if not torch.cuda.is_available():
+            return ("attention_backend=xformers needs xformers on CUDA (its kernels are CUDA-only and this process "
+                    "has no GPU); use attention_backend=sdpa")
+        device = "cuda"
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    q = torch.zeros(1, 8, 1, 32, device=device, dtype=dtype)
+    try:
+        xops.memory_efficient_attention(q, q, q)
+    except Exception as error:  # noqa: BLE001 - NotImplementedError "No operator found …", or a loader error
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return (f"attention_backend=xformers: xformers {getattr(xformers, '__version__', '?')} has no working "
+                f"attention kernel for torch {torch.__version__} on {device} ({reason}); install an xformers "
+                f"built for this torch, or use attention_backend=sdpa")
+    return None
+
+
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(Q Kᵀ / √d) V written out, in float32 whatever the input dtype (paper Eq. 3)."""
     dtype = q.dtype
@@ -60,9 +88,12 @@ ATTENTION_BACKENDS = {
 
 
 def get_attention_backend(name: str):
-    """Look a backend up by name; an unknown name fails at model construction, not mid-training."""
+    """Look a backend up by name; an unknown name, or xformers where it cannot run, fails at model
+    construction, not mid-training."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend={name!r} is unknown; choose one of {sorted(ATTENTION_BACKENDS)}")
+    if name == "xformers" and (problem := xformers_problem()) is not None:
+        raise RuntimeError(problem)
     return ATTENTION_BACKENDS[name]
 
 
@@ -126,22 +157,14 @@ class BasicTransformerBlock(nn.Module):
     """Pre-norm block: self-attention, cross-attention to τ_θ(y), gated feed-forward (paper §3.3)."""
 
     def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0, context_dim: int | None = None,
-                 gated_ff: bool = True, use_checkpoint: bool = False, backend: str = "sdpa"):
+                 gated_ff: bool = True, backend: str = "sdpa"):
         super().__init__()
         self.attn1 = CrossAttention(dim, None, n_heads, d_head, dropout, backend)
         self.ff = FeedForward(dim, dropout=dropout, glu=gated_ff)
         self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head, dropout, backend)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.use_checkpoint = use_checkpoint
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # Activation checkpointing trades one extra forward for not storing the attention activations;
-        # only useful when gradients are being recorded.
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, context, use_reentrant=False)
-        return self._forward(x, context)
-
-    def _forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -181,7 +204,7 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
                  context_dim: int | None = None, use_linear: bool = False, backend: str = "sdpa",
-                 use_checkpoint: bool = False, norm_groups: int = 32, pos_embed: bool = False):
+                 norm_groups: int = 32, pos_embed: bool = False):
         super().__init__()
         inner_dim = n_heads * d_head
         self.context_dim, self.use_linear, self.pos_embed = context_dim, use_linear, pos_embed
@@ -189,8 +212,7 @@ class SpatialTransformer(nn.Module):
         projection = nn.Linear if use_linear else (lambda i, o: nn.Conv2d(i, o, kernel_size=1))
         self.proj_in = projection(in_channels, inner_dim)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim,
-                                  use_checkpoint=use_checkpoint, backend=backend)
+            BasicTransformerBlock(inner_dim, n_heads, d_head, dropout, context_dim, backend=backend)
             for _ in range(depth))
         self.proj_out = zero_module(projection(inner_dim, in_channels))
 

@@ -10,7 +10,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.attention import SpatialTransformer, get_attention_backend, zero_module
 
@@ -81,10 +80,10 @@ class ResBlock(nn.Module):
     """
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,
-                 use_scale_shift_norm: bool = False, use_checkpoint: bool = False, norm_groups: int = 32):
+                 use_scale_shift_norm: bool = False, norm_groups: int = 32):
         super().__init__()
         out_channels = out_channels or channels
-        self.use_scale_shift_norm, self.use_checkpoint = use_scale_shift_norm, use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(normalization(channels, norm_groups), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(),
@@ -94,11 +93,6 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
-
-    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
         emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         if self.use_scale_shift_norm:
@@ -119,8 +113,8 @@ class AttentionBlock(nn.Module):
     ``(B, C, T)`` reshapes, and channels_last inputs stay copy-free.
     """
 
-    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1, use_checkpoint: bool = False,
-                 backend: str = "sdpa", norm_groups: int = 32):
+    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1, backend: str = "sdpa",
+                 norm_groups: int = 32):
         super().__init__()
         if num_head_channels != -1:
             if channels % num_head_channels:
@@ -128,18 +122,13 @@ class AttentionBlock(nn.Module):
             num_heads = channels // num_head_channels
         if channels % num_heads:
             raise ValueError(f"AttentionBlock: {channels} channels not divisible by num_heads={num_heads}")
-        self.num_heads, self.use_checkpoint = num_heads, use_checkpoint
+        self.num_heads = num_heads
         self.attend = get_attention_backend(backend)
         self.norm = normalization(channels, norm_groups)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
         qkv = F.linear(tokens, self.qkv.weight[..., 0], self.qkv.bias)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ldm.losses.autoencoder import AutoencoderLoss
+from ldm.modules.ae_blocks import AttnBlock, ResnetBlock
 from ldm.metrics import lpips_distance, psnr, ssim
 from ldm.tasks.base import RunContext, Task
 from ldm.visualize import Panel, side_by_side
@@ -44,6 +45,11 @@ class AutoencoderTask(Task):
 
     def ema_target(self) -> None:
         return None
+
+    def blocks(self) -> list[nn.Module]:
+        """The autoencoder's ResnetBlocks and attention blocks (not LPIPS: fixed, and its activations are
+        few; not the small discriminator)."""
+        return [m for m in self.autoencoder.modules() if isinstance(m, (ResnetBlock, AttnBlock))]
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, Panel]:

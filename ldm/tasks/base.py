@@ -44,3 +44,8 @@ class Task(nn.Module):
         """Sub-modules to shard with FSDP (`trainer.strategy=fsdp`), innermost first; each becomes one
         all-gather unit. A task that returns none cannot be sharded."""
         return []
+
+    def blocks(self) -> list[nn.Module]:
+        """The trainable model's repeated blocks (ResBlocks, transformer blocks), none inside another:
+        `trainer.activation_checkpointing` and `trainer.compile` act on these (ldm/training/blocks.py)."""
+        return []

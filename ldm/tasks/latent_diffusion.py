@@ -14,7 +14,10 @@ import torch.nn.functional as F
 
 from ldm.diffusion.objective import add_noise, diffusion_loss, offset_noise
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.modules.attention import SpatialTransformer
 from ldm.modules.conditioning import sample_drop_mask
+from ldm.modules.encoders import TransformerBlock
+from ldm.modules.unet_blocks import AttentionBlock, ResBlock
 from ldm.sampling import SAMPLERS, cfg_model_fn, img2img_timesteps, known_region_model_fn
 from ldm.tasks.base import RunContext, Task
 from ldm.visualize import Panel
@@ -78,6 +81,14 @@ class LatentDiffusionTask(Task):
         if any(p.requires_grad for p in self.conditioner.parameters()):
             units.append(self.conditioner)
         return units
+
+    def blocks(self) -> list[nn.Module]:
+        """The UNet's ResBlocks, SpatialTransformers and AttentionBlocks, and a trainable text encoder's
+        transformer layers (a frozen conditioner and the first stage run without gradients)."""
+        blocks = [m for m in self.unet.modules() if isinstance(m, (ResBlock, SpatialTransformer, AttentionBlock))]
+        if any(p.requires_grad for p in self.conditioner.parameters()):
+            blocks += [m for m in self.conditioner.modules() if isinstance(m, TransformerBlock)]
+        return blocks
 
     def on_train_start(self, run: RunContext) -> None:
         """A jointly trained text encoder needs a tokenizer fitted on the dataset's captions before its

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ldm.checkpoint import config_fingerprint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.ema import EMA
 from ldm.tasks.base import RunContext
+from ldm.training.blocks import apply_activation_checkpointing, compile_blocks
 from ldm.training.build import (build_accelerator, build_eval_loader, build_optimizers, build_scheduler,
                                 build_task, build_train_loader, save_config)
 from ldm.training.guard import StepGuard
@@ -77,7 +78,16 @@ def train(cfg) -> Path:
     task.on_train_start(run)
     if cfg.trainer.channels_last:
         task = task.to(memory_format=torch.channels_last)
-    # Parallelism first, then everything that holds parameters: FSDP replaces them with shards, and the
+    # torchtitan's order: checkpointing, then compile (the compiled blocks hold the recomputation), then
+    # parallelism. Both act on task.blocks() in place: parameter names and state-dict keys are unchanged.
+    recompute = cfg.trainer.activation_checkpointing.value
+    blocks = apply_activation_checkpointing(task, recompute)
+    if cfg.trainer.compile:
+        blocks = compile_blocks(task)
+    if recompute != "none" or cfg.trainer.compile:
+        accelerator.print(f"[ldm] activation checkpointing {recompute}, compile {'on' if cfg.trainer.compile else 'off'}: "
+                          f"{blocks} blocks of {type(task).__name__}")
+    # Parallelism next, then everything that holds parameters: FSDP replaces them with shards, and the
     # optimizers and the EMA must hold those.
     model = parallelize(task, cfg.trainer.strategy.value, accelerator)
     optimizers = build_optimizers(cfg, task)

@@ -20,7 +20,11 @@ def load_run(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True):
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: is {run_dir} a run directory written by train/main.py?")
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(cfg_file))
+    raw = OmegaConf.load(cfg_file)
+    unet = OmegaConf.select(raw, "model.task.unet")
+    if unet is not None and "use_checkpoint" in unet:  # runs from before trainer.activation_checkpointing (issue 12)
+        del unet["use_checkpoint"]
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
     ckpt = resolve_resume(checkpoint, run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}: train first (train/main.py)")
