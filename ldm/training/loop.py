@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ldm.checkpoint import config_fingerprint, load_checkpoint, resolve_resume, save_checkpoint
+from ldm.data.latent_cache import check_cache
 from ldm.ema import EMA
 from ldm.tasks.base import RunContext
 from ldm.training.build import (build_accelerator, build_eval_loader, build_optimizers, build_scheduler,
@@ -67,6 +68,8 @@ def train(cfg) -> Path:
     loader = build_train_loader(cfg, micro, rank, world)  # missing shards fail here, before any model is built
     set_seed(cfg.trainer.seed)  # identical initial weights on every rank
     task = build_task(cfg)
+    if cfg.data.get("latents"):  # a stale latent cache is refused before any step
+        check_cache(cfg, task)
     run = RunContext(
         run_dir=run_dir, is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
         device=accelerator.device, data=cfg.data,
@@ -151,7 +154,7 @@ def train(cfg) -> Path:
                     if not skip or accelerator.scaler is not None:  # fp16: the scaler skips it, and must see it
                         opt.step()
                     opt.zero_grad(set_to_none=True)
-            seen += len(batch["image"])
+            seen += len(batch["key"])  # (a latent-cache batch has no "image")
             if trace:
                 trace.write("".join(f"{step} {k}\n" for k in batch["key"]))
                 trace.flush()
