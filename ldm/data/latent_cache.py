@@ -137,6 +137,9 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
         shards = manifest["shards"]
         files = [(directory / s["file"], int(s["bytes"])) for s in shards]
+        outside = [s["file"] for s in shards if Path(s["file"]).name != s["file"]]
+        if outside:
+            raise ValueError(f"shard names must be file names in the directory, got {outside[0]!r}")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise CacheError(f"{path} is corrupt ({type(e).__name__}: {e}); {REBUILD}") from None
     for file, size in files:
