@@ -208,6 +208,13 @@ def test_stale_cache_is_refused_naming_the_change(cache, sources, tiny_autoencod
     check_cache(decoder_tuned, build_task(decoder_tuned))
 
 
+def test_a_conditioner_that_reads_pixels_cannot_use_a_cache(sources, tiny_autoencoder, tmp_path):
+    cfg = cfg_for(sources["train"], sources["val"], tiny_autoencoder, model="ldm_sr")
+    with pytest.raises(CacheError, match="its conditioner LowResConcat reads the images"):
+        build_cache(cfg, tmp_path / "sr")
+    assert not (tmp_path / "sr").exists()  # refused before anything is written
+
+
 def test_missing_incomplete_or_corrupt_cache_is_refused(cache, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(cache["dir"], broken)

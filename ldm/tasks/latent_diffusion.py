@@ -53,9 +53,9 @@ class LatentDiffusionTask(Task):
             sample_posterior = getattr(first_stage, "sample_posterior", True)
         self.offset_noise, self.ucg_rate, self.sample_posterior = offset_noise, ucg_rate, sample_posterior
         self.sampler, self.sample_steps, self.guidance_scale = sampler, sample_steps, guidance_scale
+        self._null_context = None  # a frozen conditioner's tokens for the null caption (latent cache)
         trainable = any(p.requires_grad for p in conditioner.parameters())
         # Frozen parts are rebuilt from their own files, not stored in every checkpoint.
-        self._null_context = None  # a frozen conditioner's tokens for the null caption (latent cache)
         self.frozen_prefixes = ("first_stage.",) + (() if trainable or _has_extra_state(conditioner)
                                                      else ("conditioner.",))
 
