@@ -76,10 +76,11 @@ def loop_img_per_s(args, workdir: Path) -> dict[str, float]:
     torch.manual_seed(0)
     save_autoencoder(instantiate(ae_cfg.autoencoder), workdir / "ae.safetensors", ae_cfg.autoencoder,
                      sample_posterior=ae_cfg.get("sample_posterior", True))
-    base = [f"model={args.ldm}", "data=shapes", f"data.shards='{shards['train']}'", f"data.val_shards='{shards['val']}'",
-            f"data.image_size={args.size}", f"model.first_stage.ckpt={workdir / 'ae.safetensors'}", "trainer=cpu",
-            f"trainer.batch_size={args.batch}", f"trainer.max_steps={args.loop}", f"trainer.log_every={args.loop // 2}",
-            "trainer.eval_every=0", "trainer.eval_batches=1", f"trainer.ckpt_every={args.loop}", "trainer.progress=false",
+    base = [f"model={args.ldm}", "data=shapes", f"data.shards='{shards['train']}'",
+            f"data.val_shards='{shards['val']}'", f"data.image_size={args.size}",
+            f"model.first_stage.ckpt={workdir / 'ae.safetensors'}", "trainer=cpu", f"trainer.batch_size={args.batch}",
+            f"trainer.max_steps={args.loop}", f"trainer.log_every={args.loop // 2}", "trainer.eval_every=0",
+            "trainer.eval_batches=1", f"trainer.ckpt_every={args.loop}", "trainer.progress=false",
             f"trainer.threads={args.threads}", "logger=none"]
     build_cache(compose_train_config(base), workdir / "latents")
     rates = {"online": [], "cached": []}

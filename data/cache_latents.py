@@ -172,8 +172,9 @@ def build_cache(cfg, out_dir: str | os.PathLike | None = None, rank: int | None 
                 "skipped": {k: sum(r["skipped"].get(k, 0) for r in records) for k in SKIP_KINDS},
                 "shards": [{k: r[k] for k in ("file", "source", "count", "bytes", "skipped")} for r in records]}
     _write_json(manifest_path, manifest)
-    print(f"[ldm] {manifest_path}: {manifest['count']} samples in {len(records)} shard(s), skipped "
-          f"{ {k: n for k, n in manifest['skipped'].items() if n} or 'none'}; train with data.latents={out}", flush=True)
+    skipped = {k: n for k, n in manifest["skipped"].items() if n} or "none"
+    print(f"[ldm] {manifest_path}: {manifest['count']} samples in {len(records)} shard(s), skipped {skipped}; "
+          f"train with data.latents={out}", flush=True)
     return manifest
 
 

@@ -1,7 +1,6 @@
 """The latent cache (issue 12): `python -m data.cache_latents` encodes the training shards once; stage 2
 trains from `data.latents` with the loss online encoding gives; a stale or broken cache is refused; ranks
 share the work without talking; a frozen text encoder's tokens are cached too."""
-import hashlib
 import io
 import json
 import os
@@ -263,7 +262,8 @@ def argv_of(line: str) -> list[str]:
     words = subprocess.run(["bash", "-c", f"printf '%s\\n' {line}"], capture_output=True, text=True,
                            check=True).stdout.splitlines()
     bin_dir = Path(sys.executable).parent
-    swap = {"python": sys.executable, "train/main.py": str(ROOT / "train/main.py"), "torchrun": str(bin_dir / "torchrun")}
+    swap = {"python": sys.executable, "train/main.py": str(ROOT / "train/main.py"),
+            "torchrun": str(bin_dir / "torchrun")}
     return [swap.get(w, w) for w in words]
 
 
@@ -314,8 +314,8 @@ def test_two_ranks_write_the_cache_one_process_writes(shapes_shards, tiny_autoen
     # the same with --rank/--world, one rank after the other (in this process), and with one process
     from data.cache_latents import main
 
-    args = ["model=ldm_txt2img_tiny", f"data.shards='{shapes_shards['train']}'", f"model.first_stage.ckpt={tiny_autoencoder}",
-            "data.image_size=32"]
+    args = ["model=ldm_txt2img_tiny", f"data.shards='{shapes_shards['train']}'",
+            f"model.first_stage.ckpt={tiny_autoencoder}", "data.image_size=32"]
     by_hand, one = tmp_path / "by_hand", tmp_path / "one"
     main([*args, "--out", str(by_hand), "--rank", "1", "--world", "2"])
     assert not (by_hand / "cache.json").exists() and len(list(by_hand.glob("latents-*.tar"))) == 4
@@ -343,7 +343,8 @@ def test_a_vq_first_stage_caches_its_deterministic_latent(shapes_shards, tmp_pat
     config = {"_target_": "ldm.models.autoencoder.VQModel", "n_embed": 16, "embed_dim": 4, "ch": 16, "ch_mult": [1, 2],
               "num_res_blocks": 1, "z_channels": 4, "norm_groups": 8, "resolution": 32}
     torch.manual_seed(0)
-    save_autoencoder(VQModel(**{k: v for k, v in config.items() if k != "_target_"}), tmp_path / "vq.safetensors", config)
+    model = VQModel(**{k: v for k, v in config.items() if k != "_target_"})
+    save_autoencoder(model, tmp_path / "vq.safetensors", config)
     one_shard = shapes_shards["train"].replace("..000007", "..000000")
     cfg = cfg_for(one_shard, shapes_shards["val"], tmp_path / "vq.safetensors", f"data.latents={tmp_path / 'cache'}")
     build_cache(cfg)
@@ -389,7 +390,7 @@ def test_frozen_text_encoder_context_is_cached(shapes_shards, tiny_autoencoder, 
     assert len(calls) == 1
     torch.testing.assert_close(loss, seeded_loss(task, online_batch(sources, cached["key"])), rtol=1e-5, atol=1e-6)
 
-    shorter = cfg_for(two_shards, shapes_shards["val"], tiny_autoencoder, *minilm, "model.task.conditioner.max_length=8",
-                      model="sd_v1")
+    shorter = cfg_for(two_shards, shapes_shards["val"], tiny_autoencoder, *minilm,
+                      "model.task.conditioner.max_length=8", model="sd_v1")
     with pytest.raises(CacheError, match="model.task.conditioner's config changed since its context was cached"):
         check_cache(shorter, build_task(shorter))

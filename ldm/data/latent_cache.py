@@ -70,8 +70,8 @@ def caches_context(conditioner: nn.Module) -> bool:
     """A frozen token conditioner (e.g. SD's CLIP): its output for a caption never changes, so it is
     cached. A jointly trained one (the paper's transformer, the demo's) runs in every step."""
     params = list(conditioner.parameters())
-    return (bool(params) and not any(p.requires_grad for p in params)
-            and getattr(conditioner, "concat_channels", 0) == 0 and getattr(conditioner, "context_dim", None) is not None)
+    tokens_only = getattr(conditioner, "concat_channels", 0) == 0 and getattr(conditioner, "context_dim", None)
+    return bool(params) and not any(p.requires_grad for p in params) and bool(tokens_only)
 
 
 def cache_key_parts(cfg, first_stage: nn.Module, conditioner: nn.Module) -> dict:
