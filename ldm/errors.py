@@ -27,3 +27,8 @@ class DataError(RunError):
 
 class RunLockedError(RunError):
     """Another live run holds the run directory's lock."""
+
+
+class CacheError(RunError):
+    """A latent cache (`data.latents`) that is missing, incomplete, corrupt or stale: the message names
+    the directory and the mismatch, and says how to rebuild it."""

@@ -302,14 +302,11 @@ class ShardStream(IterableDataset):
             yield self._collate(pending, worker, epoch, index, position, counter)
 
     def _collate(self, samples, worker, epoch, index, position, counter) -> dict:
-        batch = {
-            "image": torch.stack([s["image"] for s in samples]),
-            "caption": [s["caption"] for s in samples],
-            "meta": [s["meta"] for s in samples],
-            "key": [s["key"] for s in samples],
-        }
-        if self.decoder.label_field is not None:
-            batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+        # tensors (image, or a latent cache's latent_mean/latent_logvar/context) stacked, the rest listed
+        batch = {k: torch.stack([s[k] for s in samples]) if torch.is_tensor(v) else [s[k] for s in samples]
+                 for k, v in samples[0].items()}
+        if "label" in batch:
+            batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
         batch.update(__worker__=worker, __epoch__=epoch, __index__=index, __samples__=position,
                      __skipped__=dict(counter.counts))
         return batch
@@ -436,12 +433,13 @@ def build_loader(urls, *, batch_size: int, image_size: int, rank: int = 0, world
                  num_workers: int = 2, seed: int = 0, shuffle_buffer: int = 1000, resample: bool = False,
                  caption_field: str | None = "txt", label_field: str | None = None, epochs: int | None = None,
                  shuffle: bool | None = None, drop_last: bool | None = None,
-                 pin_memory: bool = False) -> ResumableLoader:
+                 pin_memory: bool = False, decoder: SampleDecoder | None = None) -> ResumableLoader:
     """Shards -> ResumableLoader of batches {image, caption, meta, key[, label]}.
 
     epochs=None: training, epoch after epoch forever, shards + samples shuffled, partial batches dropped.
     epochs=k: k passes per `iter()`, by default unshuffled with the last partial batch kept (evaluation).
-    `shuffle` / `drop_last` override those defaults."""
+    `shuffle` / `drop_last` override those defaults. `decoder` replaces the image decoder (a latent cache's
+    shards: ldm/data/latent_cache.py)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if batch_size < 1 or image_size < 1:
@@ -460,7 +458,8 @@ def build_loader(urls, *, batch_size: int, image_size: int, rank: int = 0, world
             num_workers = min(num_workers, fewest)
     shuffle = epochs is None if shuffle is None else shuffle
     drop_last = epochs is None if drop_last is None else drop_last
-    stream = ShardStream(shard_urls, decoder=SampleDecoder(image_size, caption_field, label_field),
+    decoder = decoder or SampleDecoder(image_size, caption_field, label_field)
+    stream = ShardStream(shard_urls, decoder=decoder,
                          batch_size=batch_size, rank=rank, world_size=world_size, workers=workers, seed=seed,
                          shuffle=shuffle, shuffle_buffer=shuffle_buffer, resample=resample, drop_last=drop_last)
     return ResumableLoader(stream, num_workers=num_workers, epochs=epochs, pin_memory=pin_memory)

@@ -34,7 +34,10 @@ class DiagonalGaussianDistribution:
         self.var = torch.exp(self.logvar)
 
     def sample(self) -> torch.Tensor:
-        return self.mean + self.std * torch.randn_like(self.mean)  # reparameterisation trick
+        # reparameterisation trick; ε drawn in the contiguous layout (randn_like would follow the strides the
+        # convolutions chose, channels-last with oneDNN on CPU), so a seed gives the same z whatever the backend
+        eps = torch.randn(self.mean.shape, dtype=self.mean.dtype, device=self.mean.device)
+        return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:
         return self.mean

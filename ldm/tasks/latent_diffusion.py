@@ -56,6 +56,7 @@ class LatentDiffusionTask(Task):
             sample_posterior = getattr(first_stage, "sample_posterior", True)
         self.offset_noise, self.ucg_rate, self.sample_posterior = offset_noise, ucg_rate, sample_posterior
         self.sampler, self.sample_steps, self.guidance_scale = sampler, sample_steps, guidance_scale
+        self._null_context = None  # a frozen conditioner's tokens for the null caption (latent cache)
         trainable = any(p.requires_grad for p in conditioner.parameters())
         # Frozen parts are rebuilt from their own files, not stored in every checkpoint.
         self.frozen_prefixes = ("first_stage.",) + (() if trainable or _has_extra_state(conditioner)
@@ -137,15 +138,44 @@ class LatentDiffusionTask(Task):
         return self.unet(z_t, t, context=cond.get("context"))
 
     # -- training -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def latents(self, batch: dict) -> torch.Tensor:
+        """z of a training batch: `encode(batch["image"])`, or the same from a latent cache's posterior
+        moments (ldm/data/latent_cache.py): z ~ N(mean, exp(logvar)) drawn as DiagonalGaussianDistribution
+        does (one contiguous randn, so the same seed gives the same z), or the mean."""
+        if "latent_mean" not in batch:
+            # contiguous, as the cached one: randn_like(z) follows z's strides, and the convolutions may return
+            # channels-last ones (oneDNN on CPU does), so the same seed would give other noise per element
+            return self.encode(batch["image"]).contiguous()
+        z = batch["latent_mean"].float()
+        if self.sample_posterior and self.training and "latent_logvar" in batch:
+            z = z + torch.exp(0.5 * batch["latent_logvar"].float()) * torch.randn(z.shape, device=z.device)
+        return z * self.first_stage.scale_factor
+
+    def condition(self, batch: dict, drop: torch.Tensor | None, latent_size: tuple[int, int]) -> dict:
+        """τ_θ(y); a frozen conditioner's cached tokens (batch["context"]) stand in for running it, with its
+        own output for the null caption in the rows `drop` selects (classifier-free guidance training)."""
+        if "context" not in batch:
+            return self.conditioner(batch, drop, latent_size=latent_size)
+        context = batch["context"].float()
+        if drop is None:
+            return {"context": context}
+        if self._null_context is None:  # frozen: computed once
+            row = {k: v[:1] for k, v in batch.items() if isinstance(v, list)}
+            null = self.conditioner(row, torch.ones(1, dtype=torch.bool), latent_size=latent_size)["context"]
+            self._null_context = null.detach().float()
+        null = self._null_context.to(context.device)
+        return {"context": torch.where(drop.to(context.device).view(-1, 1, 1), null, context)}
+
     def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
-        z = self.encode(batch["image"])
+        z = self.latents(batch)
         b = z.shape[0]
         noise = offset_noise(torch.randn_like(z), self.offset_noise)
         t = torch.randint(0, self.schedule.num_timesteps, (b,), device=z.device)
         # The drop mask is drawn on the host: text conditioners need it there, and reading a device mask
         # would be a host sync every step (the others copy it over without blocking).
         drop = sample_drop_mask(b, self.ucg_rate, device="cpu") if self.training else None
-        cond = self.conditioner(batch, drop, latent_size=tuple(z.shape[-2:]))
+        cond = self.condition(batch, drop, latent_size=tuple(z.shape[-2:]))
         out = self.denoise(add_noise(self.schedule, z, noise, t), t, cond)
         loss = diffusion_loss(self.schedule, out, z, noise, t, self.parameterization, self.loss_weighting,
                               self.min_snr_gamma).mean()

@@ -92,11 +92,20 @@ def build_scheduler(trainer_cfg, optimizer) -> torch.optim.lr_scheduler.LambdaLR
 
 
 def build_train_loader(cfg, micro_batch: int, rank: int, world_size: int):
+    """Batches of data.shards' images, or of the latent cache `data.latents` (a missing or incomplete cache
+    fails here; whether it is stale is checked against the task: `check_cache`)."""
     d = cfg.data
-    return build_loader(d.shards, batch_size=micro_batch, image_size=d.image_size, rank=rank, world_size=world_size,
+    shards, decoder = d.shards, None
+    if d.get("latents"):
+        from ldm.data.latent_cache import LatentSampleDecoder, cache_shards
+
+        shards = cache_shards(d.latents)
+        decoder = LatentSampleDecoder(d.image_size, d.caption_field, d.label_field)
+    return build_loader(shards, batch_size=micro_batch, image_size=d.image_size, rank=rank, world_size=world_size,
                         num_workers=d.num_workers, seed=cfg.trainer.seed, shuffle_buffer=d.shuffle_buffer,
                         resample=d.resample, caption_field=d.caption_field, label_field=d.label_field,
-                        pin_memory=torch.cuda.is_available())  # page-locked batches: to_device copies without blocking
+                        pin_memory=torch.cuda.is_available(),  # page-locked batches: to_device copies without blocking
+                        decoder=decoder)
 
 
 def build_eval_loader(cfg, batch_size: int, shards: str | None = None):

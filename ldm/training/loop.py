@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ldm.checkpoint import config_fingerprint, load_checkpoint, resolve_resume, save_checkpoint
+from ldm.data.latent_cache import check_cache
 from ldm.ema import EMA
 from ldm.tasks.base import RunContext
 from ldm.training.blocks import apply_activation_checkpointing, compile_blocks
@@ -69,6 +70,8 @@ def train(cfg) -> Path:
     loader = build_train_loader(cfg, micro, rank, world)  # missing shards fail here, before any model is built
     set_seed(cfg.trainer.seed)  # identical initial weights on every rank
     task = build_task(cfg)
+    if cfg.data.get("latents"):  # a stale latent cache is refused before any step
+        check_cache(cfg, task)
     run = RunContext(
         run_dir=run_dir, is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
         device=accelerator.device, data=cfg.data,
