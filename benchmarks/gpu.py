@@ -648,7 +648,7 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
         raise SystemExit(f"gpu.py: settings {text!r} must look like 256:64,512:32 (px:batch)") from None
 
 
-def main(argv: list[str] | None = None) -> list[Row]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="unet,ae,loop", help="parts to run (comma list of unet, ae, loop)")
     p.add_argument("--tiny", action="store_true", help="tiny models and sizes on CPU: a code-path check")
@@ -656,7 +656,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"UNet rows, of: {', '.join(UNET_VARIANTS)}")
     p.add_argument("--unet", default=None, help="UNet settings px:batch (default 256:64,512:32)")
-    p.add_argument("--ae", default=None, help="autoencoder setting px:batch (default 256:32)")
+    p.add_argument("--ae", default=None, help="autoencoder setting px:batch (default 256:32; --tiny 32:2)")
     p.add_argument("--loop", default=None, help="loop settings px:batch (default 256:64)")
     p.add_argument("--loop-ckpt", default="none", choices=["none", "full", "selective", "builtin"],
                    help="activation checkpointing of the loop runs and their UNet reference")
@@ -673,21 +673,27 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args.steps = args.steps or (2 if tiny else 8)
     args.loop_steps = args.loop_steps or (3 if tiny else 30)
     args.loop_images = args.loop_images or (32 if tiny else 1024)
-    parts = set(args.only.split(","))
-    variants = args.variants.split(",")
-    unknown = (parts - {"unet", "ae", "loop"}) | (set(variants) - set(UNET_VARIANTS))
+    args.only, args.variants = args.only.split(","), args.variants.split(",")
+    unknown = (set(args.only) - {"unet", "ae", "loop"}) | (set(args.variants) - set(UNET_VARIANTS))
     if unknown:
         raise SystemExit(f"gpu.py: unknown part or variant {sorted(unknown)}; parts: unet, ae, loop; "
                          f"variants: {', '.join(UNET_VARIANTS)}")
+    args.unet = parse_settings(args.unet or ("64:2" if args.tiny else "256:64,512:32"))
+    args.ae = parse_settings(args.ae or ("32:2" if args.tiny else "256:32"))[0]
+    args.loop = parse_settings(args.loop or ("64:2" if args.tiny else "256:64"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    tiny, parts, variants = args.tiny, args.only, args.variants
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and not tiny:
         raise SystemExit("gpu.py: no CUDA device; run with --tiny for the CPU code-path check")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (issue 12)
         torch.backends.cudnn.allow_tf32 = True
-    unet_settings = parse_settings(args.unet or ("64:2" if tiny else "256:64,512:32"))
-    ae_setting = parse_settings(args.ae or ("64:2" if tiny else "256:32"))[0]
-    loop_settings = parse_settings(args.loop or ("64:2" if tiny else "256:64"))
+    unet_settings, ae_setting, loop_settings = args.unet, args.ae, args.loop
 
     bench = Bench(args, device)
     print(f"[gpu.py] {bench.meta()['device']}, torch {torch.__version__}, {'TINY (code-path check) ' if tiny else ''}"
