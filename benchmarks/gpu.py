@@ -379,7 +379,8 @@ def check_parameters(bench: Bench, tiny: bool) -> None:
         print(f"[gpu.py] {reason}")
     for name, anchor in (("unet", SD_UNET_PARAMS), ("ae", KL_F8_PARAMS)):
         ours, theirs = checks[f"{name}_ours"], checks.get(f"{name}_diffusers")
-        verdict = "not compared" if theirs is None else "match" if ours == theirs else "MISMATCH: ratios compare different models"
+        verdict = ("not compared" if theirs is None else "match" if ours == theirs
+                   else "MISMATCH: the ratios compare different models")
         anchor_note = "" if tiny else f", DESIGN.md {anchor:,}" + ("" if ours == anchor else " MISMATCH")
         checks[f"{name}_match"] = theirs is not None and ours == theirs
         print(f"[gpu.py] {name} parameters: ours {ours:,}, diffusers "
@@ -466,6 +467,7 @@ def write_loop_inputs(work: Path, px: int, images: int, tiny: bool) -> dict:
     import numpy as np
     from PIL import Image
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
 
     from ldm.data.shards import write_shards
     from ldm.models.autoencoder import save_autoencoder
@@ -484,22 +486,18 @@ def write_loop_inputs(work: Path, px: int, images: int, tiny: bool) -> dict:
     torch.manual_seed(0)
     autoencoder = AutoencoderKL(**arch)
     autoencoder.scale_factor.fill_(SD_SCALE_FACTOR)
-    save_autoencoder(autoencoder, work / "autoencoder.safetensors", {"_target_": "ldm.models.autoencoder.AutoencoderKL", **arch})
+    save_autoencoder(autoencoder, work / "autoencoder.safetensors",
+                     {"_target_": "ldm.models.autoencoder.AutoencoderKL", **arch})
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1,
              **{t: i + 2 for i, t in enumerate([*letters, *(c + "</w>" for c in letters)])}}
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=TOKENS, bos_token_id=0,
                                         eos_token_id=1, pad_token_id=1, **(TINY_TEXT if tiny else CLIP_L_TEXT)))
+    transformers_logging.disable_progress_bar()
     text.save_pretrained(work / "text_encoder")
     CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(work / "text_encoder")
     return {"shards": shards.pattern, "first_stage": str(work / "autoencoder.safetensors"),
             "text_encoder": str(work / "text_encoder")}
-
-
-def trainer_keys() -> set[str]:
-    from ldm.config import TrainerConfig
-
-    return {f.name for f in dataclasses.fields(TrainerConfig)}
 
 
 def loop_overrides(args, inputs: dict, px: int, batch: int, setup: Setup, tiny: bool, cuda: bool) -> list[str]:
@@ -615,12 +613,12 @@ def loop_rows(bench: Bench, settings, arch: dict) -> None:
 
 # ------------------------------------------------------------------------------------ summary
 def set_ratios(rows: list[Row]) -> None:
-    """unet: / diffusers eager at the same size; ae: / diffusers at the same size (loop rows carry theirs)."""
-    for part, reference in (("unet", "diffusers eager"), ("ae", "diffusers eager")):
-        for row in rows:
-            base = next((r for r in rows if r.part == part and r.setting == reference and r.px == row.px and r.img_s), None)
-            if row.part == part and row.img_s and base:
-                row.ratio = row.img_s / base.img_s
+    """unet and ae rows: / diffusers eager of the same part and size (loop rows carry their own ratio)."""
+    for row in rows:
+        base = next((r for r in rows if (r.part, r.setting, r.px) == (row.part, "diffusers eager", row.px)
+                     and r.img_s), None)
+        if row.part in ("unet", "ae") and row.img_s and base:
+            row.ratio = row.img_s / base.img_s
 
 
 def targets(rows: list[Row]) -> list[str]:
@@ -630,13 +628,14 @@ def targets(rows: list[Row]) -> list[str]:
         ours = [r for r in rows if r.part == "unet" and r.px == px and r.setting.startswith("ours") and r.ratio]
         if ours:
             best = max(ours, key=lambda r: r.img_s)
-            lines.append(f"- UNet @{px}: best ours '{best.setting}' {best.img_s:.1f} img/s = {best.ratio:.2f}x diffusers "
-                         f"eager (target >= 1.35x)")
-    for r in rows:
-        if r.part == "ae" and r.setting == "ours eager" and r.ratio:
-            lines.append(f"- AE @{r.px}: ours eager {r.ratio:.2f}x diffusers (target >= 1.0x)")
-        if r.part == "loop" and r.ratio and "cached" in r.setting:
-            lines.append(f"- loop @{r.px} with cached latents: {r.ratio:.2f}x the UNet step (target >= 0.85x)")
+            lines.append(f"- UNet @{px}: best ours '{best.setting}' {best.img_s:.1f} img/s = {best.ratio:.2f}x "
+                         f"diffusers eager (target >= 1.35x)")
+    ae = [r for r in rows if r.part == "ae" and r.setting.startswith("ours") and r.ratio]
+    if ae:
+        best = max(ae, key=lambda r: r.img_s)
+        lines.append(f"- AE @{best.px}: best ours '{best.setting}' {best.ratio:.2f}x diffusers (target >= 1.0x)")
+    lines += [f"- loop @{r.px} with cached latents: {r.ratio:.2f}x the UNet step (target >= 0.85x)"
+              for r in rows if r.part == "loop" and r.ratio and "cached" in r.setting]
     return lines
 
 
@@ -698,7 +697,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     bench = Bench(args, device)
     print(f"[gpu.py] {bench.meta()['device']}, torch {torch.__version__}, {'TINY (code-path check) ' if tiny else ''}"
           f"steps {args.steps} after {args.warmup} warm-up, budget {args.budget:.0f} s", flush=True)
-    check_parameters(bench, tiny)
+    try:
+        check_parameters(bench, tiny)
+    except Exception:  # noqa: BLE001 - say it, and measure anyway
+        traceback.print_exc()
+        print("[gpu.py] the parameter check FAILED (traceback above)")
     arch = unet_arch(tiny)
     eager = [v for v in variants if not UNET_VARIANTS[v].compile]
     compiled = [v for v in variants if UNET_VARIANTS[v].compile]

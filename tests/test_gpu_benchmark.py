@@ -97,7 +97,8 @@ def test_in_process_parts_run_on_torch_alone_and_compare_with_diffusers(tmp_path
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", ONLY_TORCH, "--tiny", "--only", "unet,ae", "--steps", "1",
                            "--warmup", "1", "--variants", "eager,ckpt_full,diffusers", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     params = sum(p.numel() for p in gpu.UNetModel(**gpu.unet_arch(tiny=True)).parameters())
     assert f"unet parameters: ours {params:,}, diffusers {params:,} (match)" in done.stdout
