@@ -1,7 +1,7 @@
 """Training speed on a CUDA machine, ours against diffusers side by side in ONE process (issue 12).
 Prints one table last: img/s, TFLOP/s, MFU, peak memory and a ratio per row.
 
-    python benchmarks/gpu.py                        # on a GPU: unet, ae, loop (about 8 min on an H200)
+    python benchmarks/gpu.py                        # on a GPU: unet, ae, loop (estimated 7-9 min on an H200)
     python benchmarks/gpu.py --only unet --steps 20 --variants eager,compile,diffusers
     python benchmarks/gpu.py --tiny                 # the same code paths at tiny sizes on CPU (a test runs it)
 
