@@ -24,7 +24,10 @@ def test_demo_main_job_runs_every_phase_and_scores(tmp_path):
     for key in ("all_three", "colour", "shape", "position", "background"):
         assert abs(result[key] - (per_seed[0][key] + per_seed[1][key]) / 2) < 1e-12
     assert "all right per seed: " in out.stdout and "(seed 11234)" in out.stdout
-    assert set(result["seconds"]) == {"data", "autoencoder", "diffusion", "sample_and_score", "total"}
+    assert set(result["seconds"]) == {"data", "autoencoder", "latent_cache", "diffusion", "sample_and_score", "total"}
+    cache = tmp_path / "shards" / "shapes_latents"  # stage 2 trained from the latent cache, not from pixels
+    assert (cache / "cache.json").exists() and list(cache.glob("latents-*.tar"))
+    assert f"latents: {cache}" in (tmp_path / "runs/ldm_txt2img_demo-shapes/config.yaml").read_text()
     assert len((demo / "grid_prompts.txt").read_text().splitlines()) == 16
     from PIL import Image
 

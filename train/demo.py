@@ -4,7 +4,8 @@
 
 1. writes the `shapes` WebDataset shards (coloured shapes with exact captions),
 2. trains the demo autoencoder on them (stage 1: KL-regularised, L2; see docs/demo.md for why),
-3. trains the demo text-to-image latent diffusion model over its latents (stage 2),
+3. encodes the training shards once into a latent cache (python -m data.cache_latents), and trains the
+   demo text-to-image latent diffusion model from it (stage 2),
 4. samples a grid for 16 prompts (each printed under its image), and scores prompt alignment on fresh
    prompts and seeds with the analyzer in data/shapes.py (colour, shape and position read back from each
    generated image): 256 samples under each of 4 sampling seeds, and the score is their mean,
@@ -111,8 +112,12 @@ def main() -> None:
     times["data"] = time.perf_counter() - start
     times["autoencoder"] = run([py, "train/main.py", "experiment=demo_autoencoder", *paths, *args.overrides])
     ae = Path(args.runs) / "autoencoder_kl_shapes-shapes"
-    times["diffusion"] = run([py, "train/main.py", "experiment=demo_ldm", *paths,
-                              f"model.first_stage.ckpt={ae / 'autoencoder.safetensors'}", *args.overrides])
+    stage2 = ["experiment=demo_ldm", *paths, f"model.first_stage.ckpt={ae / 'autoencoder.safetensors'}", *args.overrides]
+    # Encode the training shards once (posterior mean and log-variance): stage 2 then skips the frozen
+    # encoder in every step. The cache is keyed by the autoencoder's weights, so a retrained one re-encodes.
+    latents = Path(args.data) / "shapes_latents"
+    times["latent_cache"] = run([py, "-m", "data.cache_latents", *stage2, "--out", str(latents)])
+    times["diffusion"] = run([py, "train/main.py", *stage2, f"data.latents={latents}"])
     ldm_run = Path(args.runs) / "ldm_txt2img_demo-shapes"
     start = time.perf_counter()
     result = score_alignment(ldm_run, args.samples, args.seed, ldm_run / "demo", seeds=args.seeds)
@@ -123,7 +128,7 @@ def main() -> None:
     ae_eval = json.loads((ae / "final_metrics.json").read_text())
     ae_report, ldm_report = write_report(ae), write_report(ldm_run)  # curves, grids, metrics: one HTML page each
     print("\n[ldm] demo finished in {total:.0f} s  (data {data:.0f} s, autoencoder {autoencoder:.0f} s, "
-          "diffusion {diffusion:.0f} s, sampling+scoring {sample_and_score:.0f} s)".format(**result["seconds"]))
+          "latent cache {latent_cache:.0f} s, diffusion {diffusion:.0f} s, sampling+scoring {sample_and_score:.0f} s)".format(**result["seconds"]))
     print(f"[ldm] autoencoder on held-out shapes: PSNR {ae_eval['val/psnr']:.2f} dB, SSIM {ae_eval['val/ssim']:.3f}"
           f"   report: {ae_report}")
     print("[ldm] prompt alignment on {seeds} x {samples} fresh samples: {all_three:.1%} all right, mean of {seeds} "
