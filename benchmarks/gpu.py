@@ -67,9 +67,8 @@ TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
 
 @dataclass(frozen=True)
 class Setup:
-    """One way of running a UNet step. ckpt: none | full | selective (ldm.training.blocks) | builtin
-    (UNetModel(use_checkpoint=True), what the presets set before issue 12); for diffusers, full = its
-    enable_gradient_checkpointing()."""
+    """One way of running a UNet step. ckpt: none | full | selective (ldm.training.blocks); for diffusers,
+    full = its enable_gradient_checkpointing()."""
     impl: str = "ours"
     channels_last: bool = False
     ckpt: str = "none"
@@ -86,7 +85,6 @@ UNET_VARIANTS = {
     "channels_last": Setup(channels_last=True),
     "ckpt_full": Setup(channels_last=True, ckpt="full"),
     "ckpt_selective": Setup(channels_last=True, ckpt="selective"),
-    "ckpt_builtin": Setup(ckpt="builtin"),
     "compile": Setup(channels_last=True, compile=True),
     "compile_selective": Setup(channels_last=True, ckpt="selective", compile=True),
     "diffusers": Setup("diffusers"),
@@ -116,14 +114,15 @@ class Row:
 
 # ------------------------------------------------------------------------------------ models and steps
 def preset(name: str, node: str) -> dict:
-    """Constructor arguments of `task.<node>` in conf/model/<name>.yaml (read as plain YAML: no Hydra)."""
-    config = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())["task"][node]
+    """Constructor arguments of `task.<node>` in conf/model/<name>.yaml (read as plain YAML: no Hydra; a
+    `# @package _global_` preset holds them under `model:`)."""
+    doc = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
+    config = doc.get("model", doc)["task"][node]
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def unet_arch(tiny: bool) -> dict:
     arch = preset("sd_v1", "unet")
-    arch.pop("use_checkpoint", None)  # each Setup decides
     arch.update(in_channels=4, out_channels=4, context_dim=(TINY_TEXT if tiny else CLIP_L_TEXT)["hidden_size"])
     return {**arch, **(TINY_UNET if tiny else {})}
 
@@ -162,7 +161,7 @@ def build_unet(setup: Setup, arch: dict, device: torch.device) -> torch.nn.Modul
             if setup.ckpt == "full":
                 model.enable_gradient_checkpointing()
         else:
-            model = UNetModel(**arch, **({"use_checkpoint": True} if setup.ckpt == "builtin" else {}))
+            model = UNetModel(**arch)
     if setup.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if setup.impl == "ours" and setup.ckpt in ("full", "selective"):
@@ -502,11 +501,7 @@ def write_loop_inputs(work: Path, px: int, images: int, tiny: bool) -> dict:
 
 def loop_overrides(args, inputs: dict, px: int, batch: int, setup: Setup, tiny: bool, cuda: bool) -> list[str]:
     """Hydra overrides of train/main.py for `setup` (channels_last, checkpointing, compile), using the
-    trainer keys this checkout has (issue 12 adds trainer.activation_checkpointing, trainer.compile and
-    trainer.peak_tflops; before them, checkpointing is the preset's use_checkpoint)."""
-    from ldm.config import TrainerConfig
-
-    keys = {f.name for f in dataclasses.fields(TrainerConfig)}
+    trainer keys trainer.activation_checkpointing, trainer.compile and trainer.peak_tflops."""
     flag = {True: "true", False: "false"}
     overrides = [
         "model=sd_v1", "data=webdataset", f"data.shards='{inputs['shards']}'", f"data.image_size={px}",
@@ -519,19 +514,8 @@ def loop_overrides(args, inputs: dict, px: int, batch: int, setup: Setup, tiny: 
     if tiny:
         overrides += ["trainer.threads=1"]
         overrides += [f"++model.task.unet.{k}={json.dumps(v).replace(' ', '')}" for k, v in TINY_UNET.items()]
-    builtin = "use_checkpoint" in preset("sd_v1", "unet")
-    if "activation_checkpointing" in keys:
-        overrides += [f"trainer.activation_checkpointing={'full' if setup.ckpt == 'builtin' else setup.ckpt}"]
-        overrides += ["model.task.unet.use_checkpoint=false"] if builtin else []
-    elif builtin and setup.ckpt != "selective":
-        overrides += [f"model.task.unet.use_checkpoint={flag[setup.ckpt != 'none']}"]
-    else:
-        raise Skipped(f"activation checkpointing {setup.ckpt!r} needs trainer.activation_checkpointing")
-    if setup.compile:
-        if "compile" not in keys:
-            raise Skipped("trainer.compile not in this checkout")
-        overrides += ["trainer.compile=true"]
-    return overrides + ([f"trainer.peak_tflops={args.peak_tflops}"] if "peak_tflops" in keys else [])
+    overrides += [f"trainer.activation_checkpointing={setup.ckpt}", f"trainer.compile={flag[setup.compile]}"]
+    return overrides + [f"trainer.peak_tflops={args.peak_tflops}"]
 
 
 def run_logged(command: list[str], log: Path, timeout: float) -> None:
@@ -560,10 +544,8 @@ def loop_run(bench: Bench, inputs: dict, work: Path, px: int, batch: int, setup:
     args, tiny = bench.args, bench.args.tiny
     overrides = loop_overrides(args, inputs, px, batch, setup, tiny, bench.device.type == "cuda")
     if cached:
-        if not (ROOT / "data" / "cache_latents.py").exists():
-            raise Skipped("data/cache_latents.py not in this checkout (the latent cache)")
         cache = work / f"latents-{px}"
-        run_logged([sys.executable, "-m", "data.cache_latents", *overrides, f"cache.out={cache}"],
+        run_logged([sys.executable, "-m", "data.cache_latents", *overrides, "--out", str(cache)],
                    work / f"cache-{px}.log", args.loop_timeout)
         overrides.append(f"data.latents={cache}")
     run_dir = work / f"run-{px}-{'cached' if cached else 'online'}"
@@ -657,7 +639,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unet", default=None, help="UNet settings px:batch (default 256:64,512:32)")
     p.add_argument("--ae", default=None, help="autoencoder setting px:batch (default 256:32; --tiny 32:2)")
     p.add_argument("--loop", default=None, help="loop settings px:batch (default 256:64)")
-    p.add_argument("--loop-ckpt", default="none", choices=["none", "full", "selective", "builtin"],
+    p.add_argument("--loop-ckpt", default="none", choices=["none", "full", "selective"],
                    help="activation checkpointing of the loop runs and their UNet reference")
     p.add_argument("--loop-compile", action="store_true", help="trainer.compile in the loop runs (and reference)")
     p.add_argument("--loop-steps", type=int, default=None, help="optimizer steps per loop run (default 30; --tiny 3)")

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.image_size=32", "data.num_workers=1", "data.shuffle_buffer=16", "trainer=debug", "logger=none"]
 TINY_SD_V1 = ["model.task.unet.model_channels=32", "model.task.unet.channel_mult=[1,2]",
               "model.task.unet.num_res_blocks=1", "model.task.unet.attention_resolutions=[1]",
-              "model.task.unet.use_checkpoint=false", "model.task.conditioner.max_length=16"]
+              "trainer.activation_checkpointing=none", "model.task.conditioner.max_length=16"]
 
 
 def cfg_for(shards, val, first_stage, *extra, model="ldm_txt2img_tiny"):

@@ -85,10 +85,7 @@ def test_loop_overrides_compose_against_the_schema(ckpt):
     assert cfg.trainer.batch_size == 64 and cfg.trainer.max_steps == 30 and cfg.trainer.log_every == 10
     assert cfg.trainer.channels_last is True and cfg.trainer.mixed_precision.value == "bf16"
     assert cfg.model.task.unet.model_channels == gpu.TINY_UNET["model_channels"]
-    if "activation_checkpointing" in cfg.trainer:
-        assert cfg.trainer.activation_checkpointing == ckpt
-    else:  # before issue 12's trainer key: the preset's use_checkpoint
-        assert cfg.model.task.unet.use_checkpoint is (ckpt == "full")
+    assert cfg.trainer.activation_checkpointing == ckpt and cfg.trainer.compile is False
 
 
 def test_in_process_parts_run_on_torch_alone_and_compare_with_diffusers(tmp_path):

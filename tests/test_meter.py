@@ -122,14 +122,16 @@ def test_flops_of_a_tiny_unet_step_are_the_closed_form():
 def test_sd_unet_step_counts_on_cpu_what_torch_counted_on_an_h200(size, tflop):
     """The SD-v1 UNet (859.5M parameters) training step at 32² / 64² latents, on fake tensors (no memory,
     no compute): 0.542 / 2.470 TFLOP per image, the figures FlopCounterMode gave on an H200 (issue 12).
-    The stock counter on CPU misses the attention (and counts use_checkpoint's recomputation)."""
+    The stock counter on CPU misses the attention (and counts activation checkpointing's recomputation)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ldm.models.unet import UNetModel
+    from ldm.training.blocks import apply_activation_checkpointing
 
     with FakeTensorMode():
         unet = UNetModel(in_channels=4, out_channels=4, model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=2,
-                         attention_resolutions=[4, 2, 1], num_heads=8, context_dim=768, use_checkpoint=True)
+                         attention_resolutions=[4, 2, 1], num_heads=8, context_dim=768)
+        apply_activation_checkpointing(unet, "full")
         x, t, context = torch.randn(1, 4, size, size), torch.randint(0, 1000, (1,)), torch.randn(1, 77, 768)
         flops = count_flops(lambda: unet(x, t, context).square().mean().backward())
     assert abs(flops / 1e12 - tflop) < 0.0005
