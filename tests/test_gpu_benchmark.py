@@ -2,7 +2,6 @@
 (+ diffusers), the loop's Hydra overrides, and (slow) the prepared device script and the wheel commands of
 docs/gpu.md. The speed itself is measured on a GPU; here every code path runs."""
 import argparse
-import importlib.util
 import json
 import os
 import re
