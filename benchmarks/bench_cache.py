@@ -9,7 +9,7 @@ step, one cached step, ...) so a change of machine load hits both; the medians a
 printed. Same weights, same images (the demo's coloured shapes), same seed per step.
 
 `--loop N` also runs the real loop (train/main.py's `train`, data loader workers included) for N steps on
-generated shapes shards, from the images and from a cache built by data.cache_latents, alternating twice,
+generated shapes shards, from the images and from a cache built by train/cache_latents.py, alternating twice,
 and compares the `train/img_per_s` of the last half of each run. BENCHMARKS.md has the results.
 """
 import argparse
@@ -66,10 +66,11 @@ def step(task, optimizer, batch, seed: int) -> float:
 
 def loop_img_per_s(args, workdir: Path) -> dict[str, float]:
     """img/s of the real training loop over images vs over their latent cache (median of 2 runs each)."""
-    from data.cache_latents import build_cache, compose_train_config
     from data.shapes import write_shapes
     from ldm.models.autoencoder import save_autoencoder
+    from ldm.training.cache_latents import build_cache
     from ldm.training.loop import train
+    from train.cache_latents import compose_train_config
 
     shards = write_shapes(str(workdir / "shapes"), n_train=max(512, 4 * args.batch), n_val=32, size=args.size, seed=0)
     ae_cfg = compose_train_config([f"model={args.ae}"]).model.task

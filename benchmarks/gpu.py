@@ -16,7 +16,7 @@ Parts (--only):
   loop  the real stage-2 loop: train/main.py model=sd_v1 in a subprocess on synthetic JPEG shards, with a
         random-init KL-f8 first stage and a random-init CLIP ViT-L/14-sized text encoder, reading
         train/img_per_s (and train/mfu, train/data_wait where the meter logs them) from metrics.csv; with
-        online encoding and, where data/cache_latents.py exists, from the latent cache.
+        online encoding and, where train/cache_latents.py exists, from the latent cache.
         ratio = loop img/s / the bare UNet step with the same settings (issue 12 target: >= 0.85).
 
 Weights are random (nothing is downloaded). FLOPs per image are counted once per model and size with
@@ -51,12 +51,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ldm.convert.arch import diffusers_unet_config, diffusers_vae_config  # noqa: E402
+from ldm.convert.arch import SD_SCALE_FACTOR, diffusers_unet_config, diffusers_vae_config  # noqa: E402
 from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.models.unet import UNetModel  # noqa: E402
 
-SD_UNET_PARAMS, KL_F8_PARAMS = 859_520_964, 83_653_863  # DESIGN.md's reference shapes
-SD_SCALE_FACTOR = 0.18215
+SD_UNET_PARAMS, KL_F8_PARAMS = 859_520_964, 83_653_863  # the paper's SD-v1 UNet and KL-f8 autoencoder
 TOKENS = 77  # CLIP's context length: the UNet attends to (B, 77, context_dim)
 CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)  # SD-v1's
 # --tiny: the same presets shrunk to run in seconds on a CPU (every code path, no speed meaning).
@@ -380,7 +379,7 @@ def check_parameters(bench: Bench, tiny: bool) -> None:
         ours, theirs = checks[f"{name}_ours"], checks.get(f"{name}_diffusers")
         verdict = ("not compared" if theirs is None else "match" if ours == theirs
                    else "MISMATCH: the ratios compare different models")
-        anchor_note = "" if tiny else f", DESIGN.md {anchor:,}" + ("" if ours == anchor else " MISMATCH")
+        anchor_note = "" if tiny else f", reference {anchor:,}" + ("" if ours == anchor else " MISMATCH")
         checks[f"{name}_match"] = theirs is not None and ours == theirs
         print(f"[gpu.py] {name} parameters: ours {ours:,}, diffusers "
               f"{'–' if theirs is None else f'{theirs:,}'} ({verdict}{anchor_note})")
@@ -545,7 +544,7 @@ def loop_run(bench: Bench, inputs: dict, work: Path, px: int, batch: int, setup:
     overrides = loop_overrides(args, inputs, px, batch, setup, tiny, bench.device.type == "cuda")
     if cached:
         cache = work / f"latents-{px}"
-        run_logged([sys.executable, "-m", "data.cache_latents", *overrides, "--out", str(cache)],
+        run_logged([sys.executable, "train/cache_latents.py", *overrides, "--out", str(cache)],
                    work / f"cache-{px}.log", args.loop_timeout)
         overrides.append(f"data.latents={cache}")
     run_dir = work / f"run-{px}-{'cached' if cached else 'online'}"

@@ -58,7 +58,7 @@ class DataConfig:
     caption_field: str = "txt"  # "txt" reads KEY.txt; "json:<field>" reads a field of KEY.json
     label_field: Optional[str] = None  # a KEY.json field giving an integer class label
     num_workers: int = 2  # DataLoader workers per rank
-    # stage 2: train from this latent cache (`python -m data.cache_latents`) instead of decoding and encoding
+    # stage 2: train from this latent cache (`python train/cache_latents.py`) instead of decoding and encoding
     # data.shards; checked against the first stage, transform and conditioner at start (docs/training.md)
     latents: Optional[str] = None
 

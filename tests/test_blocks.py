@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.config import register_configs
-from ldm.ema import EMA
+from ldm.training.ema import EMA
 from ldm.models.unet import UNetModel
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.unet_blocks import ResBlock

@@ -1,4 +1,4 @@
-"""The latent cache (issue 12): `python -m data.cache_latents` encodes the training shards once; stage 2
+"""The latent cache (issue 12): `python train/cache_latents.py` encodes the training shards once; stage 2
 trains from `data.latents` with the loss online encoding gives; a stale or broken cache is refused; ranks
 share the work without talking; a frozen text encoder's tokens are cached too."""
 import io
@@ -15,11 +15,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data.cache_latents import build_cache, compose_train_config
 from ldm.data.latent_cache import cache_shards, check_cache, read_manifest
 from ldm.data.webdataset import SkipCounter, build_loader, read_shard
 from ldm.errors import CacheError
 from ldm.training.build import build_task, build_train_loader
+from ldm.training.cache_latents import build_cache
+from train.cache_latents import compose_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.image_size=32", "data.num_workers=1", "data.shuffle_buffer=16", "trainer=debug", "logger=none"]
@@ -263,6 +264,7 @@ def argv_of(line: str) -> list[str]:
                            check=True).stdout.splitlines()
     bin_dir = Path(sys.executable).parent
     swap = {"python": sys.executable, "train/main.py": str(ROOT / "train/main.py"),
+            "train/cache_latents.py": str(ROOT / "train/cache_latents.py"),
             "torchrun": str(bin_dir / "torchrun")}
     return [swap.get(w, w) for w in words]
 
@@ -288,7 +290,7 @@ def run_line(line: str, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_documented_commands_build_train_and_resume(shapes_shards, tiny_autoencoder, tmp_path):
     cache_line, train_line, ranks_line = docs_commands()
     readme = [line for line in (ROOT / "README.md").read_text().splitlines()
-              if "data.cache_latents" in line or "data.latents=" in line]
+              if "train/cache_latents.py" in line or "data.latents=" in line]
     assert readme and all(line.strip() in (cache_line, train_line) for line in readme), readme
     cwd = user_dir(tmp_path / "user", shapes_shards, tiny_autoencoder)
     done = run_line(cache_line, cwd)
@@ -305,14 +307,14 @@ def test_documented_commands_build_train_and_resume(shapes_shards, tiny_autoenco
 
 def test_two_ranks_write_the_cache_one_process_writes(shapes_shards, tiny_autoencoder, tmp_path):
     ranks_line = docs_commands()[2]
-    assert ranks_line.startswith("torchrun --nproc_per_node 2 -m data.cache_latents")
+    assert ranks_line.startswith("torchrun --nproc_per_node 2 train/cache_latents.py")
     cwd = user_dir(tmp_path / "user", shapes_shards, tiny_autoencoder)
     done = run_line(ranks_line, cwd)
     assert done.returncode == 0, done.stderr
     assert "rank 0/2 encodes 4 of 8" in done.stdout and "rank 1/2 encodes 4 of 8" in done.stdout
     by_torchrun = cwd / "runs/latents-shapes"
     # the same with --rank/--world, one rank after the other (in this process), and with one process
-    from data.cache_latents import main
+    from train.cache_latents import main
 
     args = ["model=ldm_txt2img_tiny", f"data.shards='{shapes_shards['train']}'",
             f"model.first_stage.ckpt={tiny_autoencoder}", "data.image_size=32"]

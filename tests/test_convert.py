@@ -203,7 +203,7 @@ def test_compvis_scale_factor_buffer_is_used(vae_sources, tmp_path):
 def test_round_trip_ours_to_diffusers_folder_is_bit_identical(tmp_path):
     """Our UNet/VAE -> diffusers folder -> ours: the same tensors, bit for bit; diffusers loads the folder and
     computes what we compute."""
-    from ldm.convert.export import _write_model
+    from ldm.training.export import _write_model
     from ldm.models.autoencoder import AutoencoderKL
 
     unet = randomize(UNetModel(4, 4, 32, 1, [1, 2], [1, 2], num_head_channels=16, context_dim=CONTEXT_DIM,

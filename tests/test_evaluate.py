@@ -95,7 +95,7 @@ def _tiny_clip(path):
 
 
 def test_clip_score_matches_clips_own_logits(tmp_path):
-    from ldm.metrics_clip import CLIPScorer
+    from ldm.metrics.clip import CLIPScorer
 
     _tiny_clip(tmp_path / "clip")
     scorer = CLIPScorer(tmp_path / "clip")

@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ldm.checkpoint import list_checkpoints, resolve_resume, save_checkpoint, verify_checkpoint, write_manifest
+from ldm.training.checkpoint import list_checkpoints, resolve_resume, save_checkpoint, verify_checkpoint, write_manifest
 from ldm.config import ConfigError, check_targets, check_trainer, register_configs
 from ldm.errors import CheckpointError, DataError, NonFiniteError
 from ldm.training.lock import RunLock

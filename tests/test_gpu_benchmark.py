@@ -180,7 +180,7 @@ def test_wheel_commands_of_the_docs_fetch_what_the_device_lacks(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_sd_unet_step_on_gpu(tmp_path):
     """On a GPU (the device tool: pytest -m gpu tests/test_gpu_benchmark.py): the real SD-v1 sizes at a small
-    batch; FLOPs per image at 256 px as counted on these machines (DESIGN.md: 0.54 T), peak memory read."""
+    batch; FLOPs per image at 256 px as counted on these machines (0.54 T on an H200), peak memory read."""
     rows = gpu.main(["--only", "unet", "--unet", "256:4", "--variants", "eager,diffusers", "--steps", "2",
                      "--out", str(tmp_path)])
     meta = json.loads((tmp_path / "results.json").read_text())

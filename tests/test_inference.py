@@ -132,7 +132,7 @@ def test_negative_prompts_are_the_unconditional_branch(trained_looking_task):
 
 
 def test_each_image_depends_on_its_seed_not_on_batching(trained_looking_task):
-    from train.sample import generate
+    from ldm.inference import generate
 
     items = [{"caption": c, "negative_caption": "blurry"} for c in CAPTIONS[:3]]
     init = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
@@ -145,7 +145,7 @@ def test_each_image_depends_on_its_seed_not_on_batching(trained_looking_task):
 
 
 def test_bf16_autocast_keeps_the_decoder_in_fp32(trained_looking_task):
-    from train.sample import autocast
+    from ldm.inference import autocast
 
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     with autocast(torch.device("cpu"), "bf16"):
@@ -189,7 +189,7 @@ def test_negative_prompts_count_is_checked():
 
 
 def test_cuda_without_a_gpu_says_so():
-    from train.sample import resolve_device
+    from ldm.inference import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():

@@ -117,7 +117,7 @@ def test_inpainting_trains_samples_and_keeps_the_unmasked_region(shapes_shards, 
     assert kept_error < 1e-4, kept_error  # the known latent (up to batched-conv rounding), pinned
     assert (z - z_known).abs()[..., ~keep].mean() > 0.1  # the hole was generated, not copied
     # without anything to keep (mask everywhere) the same model lands far from the known latent there
-    from train.sample import generate as sample_images
+    from ldm.inference import generate as sample_images
     sample_images(task, [{}], latent_size=(8, 8), batch_size=1, seed=0, image=image, mask=torch.ones(1, 1, 32, 32))
     assert (latents[-1] - z_known).abs()[..., keep].mean() > 0.1
     # paste=true: the pixels outside the mask are the input's (up to PNG rounding)

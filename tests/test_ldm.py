@@ -57,7 +57,7 @@ def test_txt2img_trains_resumes_and_samples(shapes_shards, first_stage, tmp_path
     assert list((run_dir / "images").glob("samples_*.png"))
 
     from ldm.training.runs import load_run
-    from train.sample import generate
+    from ldm.inference import generate
 
     cfg, task, _ = load_run(run_dir)
     assert task.conditioner.is_fitted  # the tokenizer travelled inside the checkpoint

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.metrics_fid import (default_inception_path, feature_stats, fid_from_features, frechet_distance,
+from ldm.metrics.fid import (default_inception_path, feature_stats, fid_from_features, frechet_distance,
                              kid_from_features, load_inception)
 
 

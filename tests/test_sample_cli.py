@@ -22,7 +22,7 @@ def run_dir(tiny_runs):
 @GPU[1]
 def test_cuda_matches_cpu_and_half_precision_is_finite(run_dir):
     from ldm.training.runs import load_run
-    from train.sample import autocast, generate
+    from ldm.inference import autocast, generate
 
     _, task, _ = load_run(run_dir)
     items = [{"caption": "a red circle in the center on a white background", "negative_caption": "blue"}] * 3

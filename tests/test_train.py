@@ -105,7 +105,7 @@ def test_missing_shards_fail_at_start(tmp_path):
 
 def test_interrupted_save_leaves_previous_checkpoint_usable(shapes_shards, tmp_path):
     """A half-written checkpoint (process killed mid-save) is ignored by `latest`."""
-    from ldm.checkpoint import resolve_resume
+    from ldm.training.checkpoint import resolve_resume
 
     run_dir = tmp_path / "run"
     train(tiny_cfg(shapes_shards, run_dir, "trainer.max_steps=2"))

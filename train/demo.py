@@ -4,7 +4,7 @@
 
 1. writes the `shapes` WebDataset shards (coloured shapes with exact captions),
 2. trains the demo autoencoder on them (stage 1: KL-regularised, L2; see docs/demo.md for why),
-3. encodes the training shards once into a latent cache (python -m data.cache_latents), and trains the
+3. encodes the training shards once into a latent cache (python train/cache_latents.py), and trains the
    demo text-to-image latent diffusion model from it (stage 2),
 4. samples a grid for 16 prompts (each printed under its image), and scores prompt alignment on fresh
    prompts and seeds with the analyzer in data/shapes.py (colour, shape and position read back from each
@@ -62,10 +62,11 @@ def score_alignment(run_dir: Path, n: int, seed: int, out: Path, seeds: int = 1,
     """Generate n images for random attribute combinations under each of `seeds` fresh sampling seeds
     (seed, seed + SEED_STRIDE, ...) and read them back. The top-level scores are the mean over the seeds;
     `per_seed` keeps each one. The 16-prompt grid uses the first seed."""
-    from data.shapes import caption_for, sample_attributes, score
+    from data.shapes import caption_for, sample_attributes
+    from ldm.metrics.shapes import score
     from ldm.training.runs import load_run
     from ldm.visualize import captioned_grid
-    from train.sample import generate
+    from ldm.inference import generate
 
     if seeds < 1:
         raise ValueError(f"score_alignment: seeds={seeds}, need >= 1")
@@ -116,7 +117,7 @@ def main() -> None:
     # Encode the training shards once (posterior mean and log-variance): stage 2 then skips the frozen
     # encoder in every step. The cache is keyed by the autoencoder's weights, so a retrained one re-encodes.
     latents = Path(args.data) / "shapes_latents"
-    times["latent_cache"] = run([py, "-m", "data.cache_latents", *stage2, "--out", str(latents)])
+    times["latent_cache"] = run([py, "train/cache_latents.py", *stage2, "--out", str(latents)])
     times["diffusion"] = run([py, "train/main.py", *stage2, f"data.latents={latents}"])
     ldm_run = Path(args.runs) / "ldm_txt2img_demo-shapes"
     start = time.perf_counter()

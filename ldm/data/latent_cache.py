@@ -1,6 +1,6 @@
 """The latent cache: stage-2 training shards encoded once by the frozen first stage (and, when the
 conditioner is frozen, by the text encoder), so stage 2 trains without running either
-(`data.latents=DIR`; written by `python -m data.cache_latents`, docs/training.md).
+(`data.latents=DIR`; written by `python train/cache_latents.py`, docs/training.md).
 
 Layout of DIR: `latents-%06d.tar`, one per source shard (the i-th source shard of `data.shards`), each
 sample holding the source's non-image members unchanged (`KEY.txt`, `KEY.json`, ...) plus float32 `.npy`:
@@ -42,7 +42,7 @@ SHARD_NAME = "latents-{:06d}.tar"
 ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # the first-stage weights that compute the posterior
 # sample member -> batch key
 MEMBERS = {"mean.npy": "latent_mean", "logvar.npy": "latent_logvar", "context.npy": "context"}
-REBUILD = "rebuild it with `python -m data.cache_latents <the training overrides> --out DIR` (docs/training.md)"
+REBUILD = "rebuild it with `python train/cache_latents.py <the training overrides> --out DIR` (docs/training.md)"
 
 
 # ------------------------------------------------------------------------------------------------- key

@@ -13,9 +13,9 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from ldm.checkpoint import config_fingerprint, load_checkpoint, resolve_resume, save_checkpoint
+from ldm.training.checkpoint import config_fingerprint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.data.latent_cache import check_cache
-from ldm.ema import EMA
+from ldm.training.ema import EMA
 from ldm.tasks.base import RunContext
 from ldm.training.blocks import apply_activation_checkpointing, compile_blocks
 from ldm.training.build import (build_accelerator, build_eval_loader, build_optimizers, build_scheduler,

@@ -6,7 +6,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from ldm.checkpoint import check_task_weights, resolve_resume
+from ldm.training.checkpoint import check_task_weights, resolve_resume
 from ldm.config import TrainConfig
 from ldm.training.build import build_task
 

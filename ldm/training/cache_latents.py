@@ -2,10 +2,10 @@
 `train/main.py … data.latents=DIR` trains from without running the encoder (ldm/data/latent_cache.py has
 the format, docs/training.md the workflow):
 
-    python -m data.cache_latents <the train/main.py overrides> --out DIR
-    torchrun --nproc_per_node 2 -m data.cache_latents <overrides> --out DIR      # per rank (RANK, WORLD_SIZE)
-    python -m data.cache_latents <overrides> --out DIR --rank 1 --world 4        # or by hand, on any machine
-                                                                                 # that sees DIR
+    python train/cache_latents.py <the train/main.py overrides> --out DIR
+    torchrun --nproc_per_node 2 train/cache_latents.py <overrides> --out DIR    # per rank (RANK, WORLD_SIZE)
+    python train/cache_latents.py <overrides> --out DIR --rank 1 --world 4     # or by hand, on any machine
+                                                                              # that sees DIR
 
 `--out` defaults to `data.latents`, so the training overrides build their own cache. Source shard i goes to
 rank i % world; the ranks never talk to each other. Each output shard is written to a temporary name and
@@ -14,11 +14,9 @@ shard recorded writes `cache.json`. Bad samples are skipped and counted as the t
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -31,9 +29,6 @@ from ldm.data.latent_cache import (CACHE_VERSION, MANIFEST, SHARD_NAME, cache_ke
                                    npy_bytes, pixel_conditioner, source_urls)
 from ldm.data.webdataset import build_loader
 from ldm.errors import CacheError
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
 
 class KeepMembers(SampleDecoder):
     """The loader's decoder (same transform, same skips) that also hands on the sample's other members
@@ -176,37 +171,3 @@ def build_cache(cfg, out_dir: str | os.PathLike | None = None, rank: int | None 
     print(f"[ldm] {manifest_path}: {manifest['count']} samples in {len(records)} shard(s), skipped {skipped}; "
           f"train with data.latents={out}", flush=True)
     return manifest
-
-
-def compose_train_config(overrides: list[str]):
-    """conf/train.yaml with `overrides`, validated as train/main.py does."""
-    from hydra import compose, initialize_config_dir
-
-    from ldm.config import check_targets, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    check_targets(cfg.model.task, "model.task")
-    return cfg
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train/main.py")
-    parser.add_argument("--out", help="cache directory (default: data.latents)")
-    parser.add_argument("--rank", type=int, help="this process's rank (default: $RANK or 0)")
-    parser.add_argument("--world", type=int, help="number of processes sharing the work (default: $WORLD_SIZE or 1)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder forward")
-    args = parser.parse_intermixed_args(argv)  # overrides may come before and after --out
-    from ldm.config import ConfigError
-
-    try:
-        cfg = compose_train_config(args.overrides)
-        build_cache(cfg, args.out, args.rank, args.world, args.batch_size)
-    except (ConfigError, CacheError, FileNotFoundError) as e:
-        raise SystemExit(f"[ldm] {e}") from None
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

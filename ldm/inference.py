@@ -1,0 +1,100 @@
+"""Sampling a trained stage-2 task outside the training loop: the device and precision choices, input images,
+and `generate`, the one function that `train/sample.py`, `train/evaluate.py` and the demo call."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} but torch sees no CUDA GPU here; use device=cpu (or auto)")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast of the sampling forward passes. `task.decode` (and the VAE encode of img2img/inpainting
+    inputs) turns autocast off: an fp16 VAE overflows into NaN / black images."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("precision=fp16 on the CPU: torch's CPU autocast does not run fp16; use bf16 or fp32")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def load_image(path, size: int, mode: str = "RGB") -> torch.Tensor:
+    """(1, C, size, size): resized and centre-cropped as the training data; RGB in [-1, 1], or a mask
+    (mode "L") in {0, 1} (white = 1 = inpaint; nearest-neighbour so it stays binary)."""
+    from PIL import Image
+
+    from ldm.data.decode import load_rgb, resize_center_crop, to_tensor
+
+    data = Path(path).read_bytes()
+    if mode == "RGB":
+        return to_tensor(resize_center_crop(load_rgb(data), size))[None]
+    import io
+
+    import numpy as np
+
+    mask = Image.open(io.BytesIO(data)).convert("L")
+    w, h = mask.size
+    scale = size / min(w, h)
+    mask = mask.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.NEAREST)
+    left, top = (mask.width - size) // 2, (mask.height - size) // 2
+    mask = mask.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(mask) > 127).float()[None, None]
+
+
+def generate(task, items: list[dict], *, latent_size, batch_size: int, seed: int, progress: bool = False,
+             init_image: torch.Tensor | None = None, image: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None, paste: bool = False, **opts) -> torch.Tensor:
+    """Images `(N,3,H,W)` in [-1,1]. Image i starts from noise seeded by seed + i, so it depends on
+    (seed, i, its condition) and not on the batch size (up to float rounding of batched kernels) nor on
+    the device (the noise is drawn on the CPU). `init_image` (img2img) and `image` + `mask` (inpainting)
+    are (1,3,H,W) / (1,1,H,W) tensors used for every item; `paste` copies `image` outside `mask` into the
+    result. Runs on the task's device."""
+    from tqdm.auto import tqdm
+
+    from ldm.sampling import img2img_timesteps
+
+    device = next(task.parameters()).device
+    shape = (task.first_stage.latent_channels, *latent_size)
+    steps = opts.get("steps") or task.sample_steps
+    if init_image is not None:
+        steps = len(img2img_timesteps(task.schedule.num_timesteps, steps, opts.get("strength", 1.0)))
+    batches = range(0, len(items), batch_size)
+    bar = tqdm(total=len(batches) * steps, unit="step", desc="sampling", disable=not progress, leave=False)
+    opts["callback"] = lambda info: bar.update(1)
+    out = []
+    for start in batches:
+        chunk = items[start:start + batch_size]
+        batch = {}
+        if "caption" in chunk[0]:
+            batch["caption"] = [c["caption"] for c in chunk]
+        if "negative_caption" in chunk[0]:
+            batch["negative_caption"] = [c["negative_caption"] for c in chunk]
+        if "label" in chunk[0]:
+            batch["label"] = torch.tensor([c["label"] for c in chunk], device=device)
+        if image is not None:
+            batch["image"] = image.to(device).expand(len(chunk), -1, -1, -1)
+            batch["mask"] = mask.to(device).expand(len(chunk), -1, -1, -1)
+        batch.setdefault("caption", [""] * len(chunk))
+        extra = {} if init_image is None else {"init_image": init_image.to(device).expand(len(chunk), -1, -1, -1)}
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + start + i))
+                             for i in range(len(chunk))])
+        generator = torch.Generator().manual_seed(seed + start)  # stochastic samplers' per-step noise
+        out.append(task.sample(batch, generator=generator, latent_size=latent_size, noise=noise, **extra,
+                               **opts).float().cpu())
+    bar.close()
+    images = torch.cat(out)
+    if paste and image is not None:
+        images = torch.where(mask.cpu() > 0.5, images, image.float().cpu())
+    return images
