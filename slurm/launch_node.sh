@@ -12,14 +12,30 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 NNODES=${SLURM_NNODES:-1}
 TOTAL=$(( NNODES * PROCS_PER_NODE ))
-# Several processes (any node count) need --multi_gpu: without it each process trains alone, unsynchronised,
-# into one run dir. A single process total is a plain run.
-MULTI=()
-if [ "$TOTAL" -gt 1 ]; then MULTI=(--multi_gpu); fi
-# exec: srun's signals (SIGUSR1 at the --signal lead time, SIGTERM on scancel/preemption) reach the
-# launcher, whose torch elastic agent forwards them to the training processes (TORCHELASTIC_SIGNALS_TO_HANDLE).
-exec "$PY" -m accelerate.commands.launch "${MULTI[@]}" \
-  --num_machines "$NNODES" --machine_rank "$SLURM_NODEID" --num_processes "$TOTAL" \
-  --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
-  --rdzv_backend static --same_network --dynamo_backend no \
-  train/main.py "$@"
+# Several processes (any node count) run under `accelerate launch --multi_gpu`: without it each process
+# trains alone, unsynchronised, into one run dir. A single process in all runs as plain python: accelerate's
+# one-process launcher SIGKILLs its child 5 s after a SIGTERM, which would cut the signal's checkpoint short.
+LAUNCH=("$PY" train/main.py)
+if [ "$TOTAL" -gt 1 ]; then
+  LAUNCH=("$PY" -m accelerate.commands.launch --multi_gpu
+          --num_machines "$NNODES" --machine_rank "$SLURM_NODEID" --num_processes "$TOTAL"
+          --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"
+          --rdzv_backend static --same_network --dynamo_backend no train/main.py)
+fi
+# srun's signals (SIGUSR1 at the --signal lead time, SIGTERM on scancel/preemption) reach every process of
+# the step: the launcher, whose torch elastic agent stops its workers, and the training processes.
+# The node's exit code is what the training reported in $LDM_OUTCOME, not the launcher's: SLURM signals the
+# launcher as well, and a launcher signalled after the last step says 143 for a run that completed.
+# This shell waits for the launcher (a trapped signal runs only once the launcher has exited).
+LDM_OUTCOME=$(mktemp "${TMPDIR:-/tmp}/ldm-outcome.XXXXXX")
+export LDM_OUTCOME
+trap 'true' TERM USR1
+rc=0
+"${LAUNCH[@]}" "$@" || rc=$?
+outcome=$(cat "$LDM_OUTCOME" 2>/dev/null || true)
+rm -f "$LDM_OUTCOME"
+case "$outcome" in
+  completed) exit 0 ;;
+  "stopped "*) exit "${outcome#stopped }" ;;
+  *) exit "$rc" ;;
+esac

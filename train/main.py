@@ -7,6 +7,7 @@
 Rerunning the same command resumes from the newest checkpoint in the run directory.
 """
 import os
+import sys
 from contextlib import nullcontext
 
 import hydra
@@ -43,5 +44,33 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"[ldm] {e}") from None
 
 
+def relaunch_if_alone() -> None:
+    """`accelerate launch --num_processes 2 train/main.py` without `--multi_gpu` on a host with fewer than 2
+    GPUs runs this script ONCE (Accelerate's one-process launcher; it only turns on --multi_gpu itself when it
+    counts 2+ GPUs). Asked for several processes, ldm replaces itself with the launch that starts them: the
+    same options plus --multi_gpu. A refusal cannot be one line here: that launcher prints a traceback for
+    any non-zero exit of its child."""
+    if "ACCELERATE_MIXED_PRECISION" not in os.environ or "WORLD_SIZE" in os.environ:
+        return  # not started by `accelerate launch`, or started as one of several processes
+    try:  # the launcher's command line: ... launch [OPTIONS] train/main.py ARGS
+        argv = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode().split("\0")[:-1]
+        start = next(i for i, a in enumerate(argv) if a in ("launch", "accelerate.commands.launch")) + 1
+        end = argv.index(sys.argv[0], start)
+    except (OSError, StopIteration, ValueError):
+        return
+    from accelerate.commands.launch import launch_command_parser
+
+    options = argv[start:end]
+    asked, _ = launch_command_parser().parse_known_args(options + [sys.argv[0]])
+    if (asked.num_processes or 1) < 2 and (asked.num_machines or 1) < 2:
+        return
+    options = [o for o in options if o != "--cpu"]  # (--cpu and --multi_gpu exclude each other; ldm picks CPU itself)
+    print(f"[ldm] accelerate launch asked for {asked.num_processes} processes without --multi_gpu, which starts one: "
+          "relaunching with --multi_gpu", file=sys.stderr, flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", *options,
+                              *sys.argv])
+
+
 if __name__ == "__main__":
+    relaunch_if_alone()
     main()

@@ -23,7 +23,7 @@ from ldm.training.build import (build_accelerator, build_eval_loader, build_opti
 from ldm.training.guard import StepGuard
 from ldm.training.meter import ThroughputMeter, count_step_flops, default_peak_tflops
 from ldm.training.parallel import parallelize, whole
-from ldm.training.preemption import StopRequest, requeue_slurm_job
+from ldm.training.preemption import StopRequest, after_stop, report_outcome
 from ldm.training.tracking import CSVLog, init_tracking, log_images
 
 
@@ -220,9 +220,13 @@ def train(cfg) -> Path:
     if stop.received is not None and step < cfg.trainer.max_steps:
         path = checkpoint(f"{stop.received.name} at step {step}")
         accelerator.print(f"[ldm] stopped by {stop.received.name}; rerun the same command to resume from {path.name}")
+        if accelerator.is_main_process:
+            after_stop(cfg.trainer.requeue)  # requeue the SLURM job, or not: docs/RELIABILITY.md
+        if accelerator.is_local_main_process:
+            report_outcome(f"stopped {stop.exit_code}")
+            stop.tell_launcher()  # before any rank exits: the launcher ends 128 + signal, not 1
+        accelerator.wait_for_everyone()
         accelerator.end_training()
-        if accelerator.is_main_process and cfg.trainer.requeue:
-            requeue_slurm_job()
         sys.exit(stop.exit_code)  # not a completed run: under SLURM the job must not end COMPLETED
     task.on_train_end(run)
     checkpoint("final")
@@ -233,6 +237,8 @@ def train(cfg) -> Path:
         print("[ldm] final " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         (run_dir / "final_metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
         print(f"[ldm] images in {run_dir / 'images'}, checkpoints in {run_dir / 'checkpoints'}")
+    if accelerator.is_local_main_process:
+        report_outcome("completed")  # even if a signal came after the last step: the run is complete
     accelerator.end_training()
     return run_dir
 

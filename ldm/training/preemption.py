@@ -10,6 +10,11 @@ What goes wrong without this (measured on `ldm` before, and a known fault of oth
 * torch elastic starts each worker in its own session, so `kill -9` on the launcher's process group
   left the training processes running. They now get SIGTERM when their launcher dies (PDEATHSIG),
   checkpoint at the next step and exit.
+* SLURM sends SIGTERM both when a user cancels a job and when it preempts one, so the signal cannot say
+  what was meant. After the checkpoint, rank 0 asks SLURM what is happening to the job (`after_stop`).
+* A rank that exits 143 makes torch elastic's agent end with a ChildFailedError traceback and exit 1.
+  The ranks first signal their launcher (`tell_launcher`), which then ends as a signalled launcher does:
+  128 + the signal.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -39,6 +45,7 @@ class StopRequest:
     def __init__(self, signals: list[str]):
         self.signals = [signal_number(s) for s in signals]
         self.received: signal.Signals | None = None
+        self._launcher: int | None = None  # torch elastic's agent (our parent), told before we exit
         self._group = None
         if dist.is_available() and dist.is_initialized():
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
@@ -46,7 +53,7 @@ class StopRequest:
     def install(self) -> "StopRequest":
         for sig in self.signals:
             signal.signal(sig, self._handle)
-        _die_with_launcher()
+        self._launcher = _die_with_launcher()
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -68,31 +75,98 @@ class StopRequest:
         """128 + signal number, the shell's convention for 'ended by a signal': not a completed run."""
         return 128 + int(self.received) if self.received is not None else 0
 
+    def tell_launcher(self) -> None:
+        """Send the stop signal on to torch elastic's agent (`accelerate launch`, `torchrun`) before this
+        process exits: the agent then stops its other workers and ends with 128 + signal, as when it is
+        signalled itself. Call it on one process per node, before a barrier that all ranks pass before
+        exiting, so the agent hears the signal before it sees a rank exit."""
+        if self.received is None or self._launcher is None or os.getppid() != self._launcher:
+            return
+        handled = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
+        sig = self.received if self.received.name in handled.replace(" ", "").split(",") else signal.SIGTERM
+        os.kill(self._launcher, sig)
 
-def _die_with_launcher() -> None:
+
+def _die_with_launcher() -> int | None:
     """Under torch elastic (`accelerate launch`, `torchrun`), ask the kernel for SIGTERM when the launcher
-    dies: the run then checkpoints and exits instead of racing a rerun in the same run directory."""
+    dies: the run then checkpoints and exits instead of racing a rerun in the same run directory.
+    Returns the launcher's pid (None when there is no torch elastic launcher)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
+        return None
     parent = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):  # not glibc: the launcher's own shutdown still signals us
-        return
+        return parent
     if os.getppid() != parent:  # the launcher died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+    return parent
 
 
-def requeue_slurm_job() -> bool:
-    """`scontrol requeue $SLURM_JOB_ID`: the job goes back to the queue and its rerun resumes from the
-    checkpoint just written. SLURM kills the job's processes as it requeues, often before `scontrol` has
-    returned here, so the line is printed first. A plain `scancel` also signals the run and (measured on
-    slurm 22.05) the requeue is still accepted: cancel a second time once the job is PENDING, or train
-    with trainer.requeue=false. Returns whether SLURM accepted it."""
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID") and \
-        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" or os.environ.get("SLURM_JOB_ID")
+def report_outcome(outcome: str) -> None:
+    """`completed` or `stopped <exit code>` into $LDM_OUTCOME (set by slurm/launch_node.sh): the node's
+    exit code then says what the training did, not what the launcher saw. SLURM signals the launcher
+    too, and a launcher signalled after the last step ends 143 although the run completed."""
+    path = os.environ.get("LDM_OUTCOME")
+    if path:
+        with open(path, "w") as f:
+            f.write(outcome + "\n")
+
+
+def slurm_job_id() -> str | None:
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def slurm_job_state(job: str, tries: int = 5) -> dict[str, str] | None:
+    """`scontrol show job -o JOB` as a dict (JobState, Restarts, ...); None when SLURM does not answer.
+    (Right after a preemption, slurmctld may answer with nothing for a moment: asked again.)"""
+    for attempt in range(tries):
+        try:
+            proc = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+            fields = dict(item.split("=", 1) for item in proc.stdout.split() if "=" in item)
+            if proc.returncode == 0 and "JobState" in fields:
+                return fields
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        time.sleep(1 + attempt)
+    return None
+
+
+def after_stop(requeue: bool) -> str:
+    """Rank 0, after the signal's checkpoint: what happens to the SLURM job now. SLURM sends the same
+    SIGTERM for a user's `scancel` and for a preemption, so the job asks slurmctld:
+    * Restarts went up: SLURM is requeueing the job itself (preemption without grace time, an admin's
+      `scontrol requeue`). Nothing to do: it resumes from this checkpoint.
+    * RUNNING: nobody is ending the job. The time limit's warning (`--signal=USR1@...`), a preemption in
+      its grace time, or `scancel --signal=...`: requeue it (`trainer.requeue`), or it would end for good.
+    * anything else (COMPLETING, CANCELLED): the user cancelled it (or its time ran out): stop, no requeue.
+    Returns one of "requeued", "requeued by SLURM", "stopped" (also: not under SLURM, or no answer)."""
+    job = slurm_job_id()
     if not job:
-        return False
+        return "stopped"
+    info = slurm_job_state(job)
+    if info is None:
+        print(f"[ldm] SLURM did not say what happens to job {job}: stopping without a requeue", flush=True)
+        return "stopped"
+    state, restarts = info["JobState"], int(info.get("Restarts", "0"))
+    if restarts > int(os.environ.get("SLURM_RESTART_COUNT", "0")):
+        print(f"[ldm] SLURM is requeueing job {job} (preempted): it resumes from this checkpoint", flush=True)
+        return "requeued by SLURM"
+    if state != "RUNNING":
+        print(f"[ldm] job {job} is ending ({state}: cancelled, or out of time): stopping, no requeue; "
+              "submit the same command again to resume", flush=True)
+        return "stopped"
+    if not requeue:
+        print(f"[ldm] trainer.requeue=false: job {job} stops here; submit the same command again to resume", flush=True)
+        return "stopped"
+    return "requeued" if requeue_slurm_job(job) else "stopped"
+
+
+def requeue_slurm_job(job: str) -> bool:
+    """`scontrol requeue JOB`: the job goes back to the queue and its rerun resumes from the checkpoint
+    just written. SLURM kills the job's processes as it requeues, often before `scontrol` has returned
+    here, so the line is printed first. Returns whether SLURM accepted it."""
     print(f"[ldm] requeueing SLURM job {job}: it resumes from this checkpoint when it starts again", flush=True)
     try:
         proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
