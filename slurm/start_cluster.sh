@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A real two-node SLURM cluster on this one host, for CI and for trying slurm/*.sbatch locally:
 # nodes n1 (127.0.0.1) and n2 (127.0.0.2), 2 CPUs each (set CPUS=...), no accounting, no cgroups.
-# Idempotent: reruns leave a running cluster alone (they rewrite slurm.conf and `scontrol reconfigure` only
-# if it changed). Needs root (daemons, /etc/slurm, apt-get).
+# Idempotent: reruns leave a running cluster alone (they rewrite slurm.conf and restart the daemons only if
+# it changed). Needs root (daemons, /etc/slurm, apt-get).
 #   sudo slurm/start_cluster.sh && sinfo
 set -euo pipefail
 if [ "$(id -u)" -ne 0 ]; then
@@ -47,12 +47,25 @@ JobRequeue=1
 MinJobAge=300
 # Seconds between SIGTERM and SIGKILL when a job is cancelled or hits its time limit.
 KillWait=30
-SchedulerParameters=nohold_on_prolog_fail
+# A requeued job waits cred_expire + 1 s in PENDING (BeginTime) before it may start again (slurm 22.05:
+# AuthInfo=cred_expire, default 120 s; slurm >= 26.05 also SchedulerParameters=requeue_delay=). The launch
+# credential of a step must stay valid this long: 10 s is plenty for these local nodes, not a cluster default.
+AuthInfo=cred_expire=10
+# bf_interval: how often the backfill scheduler looks at the queue (default 30 s); a requeued job starts at
+# the first look after its hold. sched_interval: the same for the main scheduler (default 60 s).
+SchedulerParameters=nohold_on_prolog_fail,bf_interval=5,sched_interval=10
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 NodeName=n1 NodeAddr=127.0.0.1 NodeHostname=$(hostname) Port=6818 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 NodeName=n2 NodeAddr=127.0.0.2 NodeHostname=$(hostname) Port=6819 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
-PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+# Preemption: jobs in partition spot are requeued (PreemptMode=REQUEUE) when a job of a higher tier needs
+# their nodes. GraceTime=0: SIGTERM now, SIGKILL after KillWait; spot_grace: SIGTERM now, KillWait after 60 s.
+# debug jobs are never preempted.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2 PreemptMode=OFF
+PartitionName=spot Nodes=n1,n2 MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 PreemptMode=REQUEUE
+PartitionName=spot_grace Nodes=n1,n2 MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 PreemptMode=REQUEUE GraceTime=60
 CONF
 )
 changed=0
@@ -67,11 +80,17 @@ if ! pgrep -x munged >/dev/null; then
   chmod 400 /etc/munge/munge.key
   su -s /bin/sh munge -c /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force
 fi
-if ! pgrep -x slurmctld >/dev/null; then
-  slurmctld
-elif [ "$changed" = 1 ]; then
-  scontrol reconfigure
+stop_daemon() {  # by its pid file; running jobs survive (their slurmstepd processes are separate)
+  local pid
+  pid=$(cat "$1" 2>/dev/null) || return 0
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+}
+if [ "$changed" = 1 ]; then  # a restart, not `scontrol reconfigure`: that keeps the old AuthInfo (cred_expire)
+  stop_daemon /run/slurmctld.pid
+  for n in n1 n2; do stop_daemon "/run/slurmd-$n.pid"; done
 fi
+if ! pgrep -x slurmctld >/dev/null; then slurmctld; fi
 for n in n1 n2; do
   if ! pgrep -f "slurmd -N $n\b" >/dev/null; then slurmd -N "$n"; fi
 done

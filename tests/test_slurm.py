@@ -57,8 +57,6 @@ def wait_job(job_id: str, out: Path, timeout=300, until=("COMPLETED",)) -> dict[
             return info
         if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
             break
-        if state == "PENDING" and info.get("Reason") == "BeginTime":  # a requeued job waits; start it now
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=30)
         time.sleep(0.5)
     log = out / f"slurm-{job_id}.out"
     raise AssertionError(f"job {job_id} is {job(job_id).get('JobState')}, expected {until}\n"
@@ -87,30 +85,123 @@ def test_two_node_cpu_job_trains_at_world_size_two(cluster, shapes_shards, tiny_
     assert shapes_shards["train"] in (run_dir / "config.yaml").read_text()  # the brace pattern arrived intact
 
 
-def test_sigterm_checkpoints_requeues_resumes_bit_identical(cluster, shapes_shards, tiny_autoencoder, tmp_path):
+def wait_training(job_id: str, out: Path, timeout=300) -> Path:
+    """Until the job's training processes are up (any step < max works for a signal)."""
+    log_path = out / f"slurm-{job_id}.out"
+    deadline = time.monotonic() + timeout
+    while not (log_path.exists() and "process(es) (ddp)" in log_path.read_text()):
+        assert time.monotonic() < deadline and job(job_id).get("JobState") in ("PENDING", "RUNNING"), job(job_id)
+        time.sleep(0.2)
+    time.sleep(2)
+    return log_path
+
+
+def requeue_delay(job_id: str, timeout=300) -> float:
+    """Seconds the job spends out of RUNNING between its first run and its rerun (PENDING, BeginTime hold)."""
+    deadline, left = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        info = job(job_id)
+        if left is None and info.get("JobState") != "RUNNING":
+            left = time.monotonic()
+        if left is not None and info.get("JobState") == "RUNNING" and info.get("Restarts") == "1":
+            return time.monotonic() - left
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not run again within {timeout} s: {job(job_id)}")
+
+
+def test_time_limit_signal_checkpoints_requeues_resumes_bit_identical(cluster, shapes_shards, tiny_autoencoder,
+                                                                       tmp_path):
+    """SIGUSR1, what `--signal=USR1@180` sends before the time limit (here `scancel --signal=USR1`): the job
+    checkpoints, requeues itself, starts again within seconds (no 2-minute hold on this cluster:
+    AuthInfo=cred_expire=10) and ends bit-identical to an uninterrupted job."""
     steps = ["trainer.max_steps=60", "data.num_workers=1"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     ref_id = sbatch(tmp_path, *stage2_args(shapes_shards, tiny_autoencoder, ref, *steps))
     cut_id = sbatch(tmp_path, *stage2_args(shapes_shards, tiny_autoencoder, cut, *steps))
-    log_path = tmp_path / f"slurm-{cut_id}.out"
-    deadline = time.monotonic() + 300  # signal once the job's training processes are up (any step < max works)
-    while not (log_path.exists() and "process(es) (ddp)" in log_path.read_text()):
-        assert time.monotonic() < deadline and job(cut_id).get("JobState") in ("PENDING", "RUNNING"), job(cut_id)
-        time.sleep(0.2)
-    time.sleep(2)
-    subprocess.run(["scancel", "--signal=TERM", cut_id], check=True, timeout=30)
+    log_path = wait_training(cut_id, tmp_path)
+    subprocess.run(["scancel", "--signal=USR1", cut_id], check=True, timeout=30)
+    delay = requeue_delay(cut_id)
     info = wait_job(cut_id, tmp_path, timeout=400)
     wait_job(ref_id, tmp_path)
     log = log_path.read_text()
     assert info["Restarts"] == "1", info
+    assert delay < 60, f"the requeued job waited {delay:.0f} s before running again"
+    print(f"requeue delay (USR1 -> running again): {delay:.1f} s")
     # the signal's checkpoint, then the requeued job (restart 1: its own `scontrol requeue`) resumed from it
-    assert "SIGTERM received" in log and "(restart 1)" in log and "resuming step_" in log, log[-3000:]
+    assert "SIGUSR1 received" in log and "requeueing SLURM job" in log and "(restart 1)" in log, log[-3000:]
+    assert "resuming step_" in log, log[-3000:]
     saved = sorted(p.name for p in (cut / "checkpoints").glob("step_*"))
     assert len(saved) == 2 and saved[-1] == "step_00000060", saved  # the signal's checkpoint, then the final one
     for name in ("model", "ema"):
         a, b = load_file(last_ckpt(ref) / f"{name}.safetensors"), load_file(last_ckpt(cut) / f"{name}.safetensors")
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: resumed job differs from the uninterrupted one"
+
+
+def test_plain_scancel_checkpoints_and_stops(cluster, shapes_shards, tiny_autoencoder, tmp_path):
+    """A user's `scancel <job>`: one checkpoint, then the job ends CANCELLED and stays ended (no requeue,
+    no second scancel needed)."""
+    run_dir = tmp_path / "run"
+    job_id = sbatch(tmp_path, *stage2_args(shapes_shards, tiny_autoencoder, run_dir, "trainer.max_steps=400",
+                                            "data.num_workers=1"))
+    log_path = wait_training(job_id, tmp_path)
+    subprocess.run(["scancel", job_id], check=True, timeout=30)
+    wait_job(job_id, tmp_path, timeout=120, until=("CANCELLED",))
+    time.sleep(15)  # a requeue would show by now (the hold is 11 s here)
+    info = job(job_id)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
+    log = log_path.read_text()
+    assert "SIGTERM received" in log and "stopping, no requeue" in log, log[-3000:]
+    assert "requeueing SLURM job" not in log, log[-3000:]
+    step = json.loads((last_ckpt(run_dir) / "state.json").read_text())["step"]
+    assert 0 < step < 400 and (last_ckpt(run_dir) / "rank_1.pt").is_file()
+
+
+@pytest.mark.parametrize("partition", ["spot", "spot_grace"])
+def test_preemption_checkpoints_and_the_job_comes_back(cluster, shapes_shards, tiny_autoencoder, tmp_path, partition):
+    """A job of the higher-tier partition debug takes both nodes. spot (GraceTime=0): SLURM requeues the job
+    itself; ldm checkpoints within KillWait and leaves the requeue to SLURM. spot_grace (GraceTime=60):
+    SLURM only signals and would requeue at the end of the grace time, or not at all if the job has ended;
+    ldm checkpoints and requeues the job itself. Either way it comes back and finishes."""
+    run_dir = tmp_path / "run"
+    job_id = sbatch(tmp_path, *stage2_args(shapes_shards, tiny_autoencoder, run_dir, "trainer.max_steps=40",
+                                            "data.num_workers=1"), options=["--partition", partition])
+    log_path = wait_training(job_id, tmp_path)
+    urgent = subprocess.run(["sbatch", "--parsable", "--partition", "debug", "--nodes", "2", "--cpus-per-task",
+                             str(cpus_per_node()), "--output", "/dev/null",
+                             "--wrap", "sleep 1"], capture_output=True, text=True, timeout=60, check=True)
+    info = wait_job(job_id, tmp_path, timeout=400)
+    log = log_path.read_text()
+    assert info["Restarts"] == "1", info
+    assert "SIGTERM received" in log and "resuming step_" in log, log[-3000:]
+    expect = "SLURM is requeueing job" if partition == "spot" else "requeueing SLURM job"
+    assert expect in log, log[-3000:]
+    assert json.loads((last_ckpt(run_dir) / "state.json").read_text())["step"] == 40
+    assert job(urgent.stdout.strip().split(";")[0]).get("JobState") == "COMPLETED"
+
+
+def cpus_per_node() -> int:
+    out = subprocess.run(["sinfo", "-h", "-N", "-n", "n1", "-o", "%c"], capture_output=True, text=True, timeout=30)
+    return int(out.stdout.split()[0])
+
+
+def test_signal_after_the_last_step_completes(cluster, shapes_shards, tiny_autoencoder, tmp_path):
+    """SIGTERM while the job writes its final checkpoint and evaluates: the job ends COMPLETED, exit 0."""
+    run_dir = tmp_path / "run"
+    job_id = sbatch(tmp_path, *stage2_args(shapes_shards, tiny_autoencoder, run_dir, "trainer.max_steps=4",
+                                            "data.num_workers=1"))
+    log_path = tmp_path / f"slurm-{job_id}.out"
+    deadline = time.monotonic() + 300
+    while not (log_path.exists() and "(final)" in log_path.read_text()):
+        assert time.monotonic() < deadline and job(job_id).get("JobState") in ("PENDING", "RUNNING"), job(job_id)
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=30)
+    info = wait_job(job_id, tmp_path)
+    log = log_path.read_text()
+    assert "SIGTERM received" in log.split("(final)", 1)[1], log[-3000:]  # it did arrive after the last step
+    assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", info
+    assert (run_dir / "final_metrics.json").is_file()
+    assert json.loads((last_ckpt(run_dir) / "state.json").read_text())["step"] == 4
 
 
 def test_hydra_sweep_through_submitit(cluster, shapes_shards, tiny_autoencoder, tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import dataclasses
 import glob
 import itertools
@@ -214,13 +215,29 @@ def _identity(batch):
     return batch
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """`worker_init_fn`: loader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints
     (ldm/training/preemption.py). SLURM and `kill -TERM -<pgid>` signal every process; torch's own worker
     handler dies on a SIGTERM not sent by its parent, and the main process then fails with "DataLoader
     worker (pid …) is killed by signal". This runs after torch installs that handler, so it wins."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held since the fork (held_stop_signals)
+
+
+@contextlib.contextmanager
+def held_stop_signals():
+    """Starting loader workers: a stop signal that arrives between a worker's fork and its
+    `ignore_stop_signals` would kill it (torch's handler is already there). The workers inherit this
+    block and drop the signal once they ignore it; the training process gets its own copy on the way out."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @atexit.register
@@ -375,10 +392,11 @@ class ResumableLoader:
             # Own generator: the DataLoader draws worker base seeds from it, not from the global RNG, so
             # starting an iterator never shifts the training stream (bit-identical resume). Our streams
             # are seeded explicitly per (seed, epoch, rank, worker) anyway.
-            source = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                     collate_fn=_identity, pin_memory=self.pin_memory,
-                                     worker_init_fn=ignore_stop_signals,
-                                     generator=torch.Generator().manual_seed(0)))
+            with held_stop_signals():
+                source = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                         collate_fn=_identity, pin_memory=self.pin_memory,
+                                         worker_init_fn=ignore_stop_signals,
+                                         generator=torch.Generator().manual_seed(0)))
         else:
             source = iter(self.stream)
         queues = [collections.deque() for _ in range(self.slots)]
