@@ -91,7 +91,7 @@ class TrainerConfig:
     progress: bool = True  # tqdm progress bar on the main process
     trace: bool = False  # write run_dir/trace_rank<r>.txt: sample keys read + final weight checksum
     stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # checkpoint and stop
-    requeue: bool = True  # under SLURM, a run stopped by a signal requeues its job (scontrol requeue)
+    requeue: bool = True  # under SLURM, a signal-stopped job that SLURM still runs requeues itself
     max_bad_steps: int = 20  # consecutive steps with a non-finite loss/grad (each skipped) before the run stops
     # Peak dense TFLOP/s of one device, the denominator of train/mfu (ldm/training/meter.py). None: on CUDA
     # the H100/H200 SXM figure, 989 (bf16/fp16) or 494.5 (fp32, run as TF32); on CPU no MFU is logged.

@@ -1,7 +1,9 @@
 """SLURM for real, on the two-node cluster of `slurm/start_cluster.sh` (nodes n1, n2 on this host; `.ci/run`
-starts it): the 2-node CPU sbatch job trains the tiny LDM at world size 2; a job sent SIGTERM checkpoints,
-requeues itself, resumes and ends bit-identical to an uninterrupted one; a 2x2 Hydra sweep runs through
-hydra-submitit-launcher. Skipped, with the reason, where there is no SLURM or the cluster is not up."""
+starts it): the 2-node CPU sbatch job trains the tiny LDM at world size 2; the signal paths mean what the
+user meant (time limit: checkpoint, requeue, resume bit-identical without the 2-minute hold; `scancel`:
+checkpoint and stop; preemption with and without grace time: checkpoint and come back; a signal after the
+last step: COMPLETED); a 2x2 Hydra sweep runs through hydra-submitit-launcher. Skipped, with the reason,
+where there is no SLURM or the cluster is not up."""
 import json
 import re
 import shutil

@@ -1,5 +1,5 @@
-"""Preemption: a signal ends the run in a checkpoint, on every rank at the same step, and under SLURM
-the job requeues itself.
+"""Preemption: a signal ends the run in a checkpoint, on every rank at the same step; under SLURM the
+job then comes back or not as the signal meant (`after_stop`).
 
 What goes wrong without this (measured on `ldm` before, and a known fault of other frameworks):
 * SLURM and `kill -TERM -<pgid>` signal EVERY process, DataLoader workers included. torch's worker
