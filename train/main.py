@@ -65,8 +65,8 @@ def relaunch_if_alone() -> None:
     if (asked.num_processes or 1) < 2 and (asked.num_machines or 1) < 2:
         return
     options = [o for o in options if o != "--cpu"]  # (--cpu and --multi_gpu exclude each other; ldm picks CPU itself)
-    print(f"[ldm] accelerate launch asked for {asked.num_processes} processes without --multi_gpu, which starts one: "
-          "relaunching with --multi_gpu", file=sys.stderr, flush=True)
+    print(f"[ldm] accelerate launch --num_processes {asked.num_processes} --num_machines {asked.num_machines or 1} "
+          "without --multi_gpu starts one process here: relaunching with --multi_gpu", file=sys.stderr, flush=True)
     os.execv(sys.executable, [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", *options,
                               *sys.argv])
 
