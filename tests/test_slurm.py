@@ -159,6 +159,7 @@ def test_plain_scancel_checkpoints_and_stops(cluster, shapes_shards, tiny_autoen
     assert 0 < step < 400 and (last_ckpt(run_dir) / "rank_1.pt").is_file()
 
 
+@pytest.mark.slow  # (about 2 min each on 2 shared cores; `make test-all`)
 @pytest.mark.parametrize("partition", ["spot", "spot_grace"])
 def test_preemption_checkpoints_and_the_job_comes_back(cluster, shapes_shards, tiny_autoencoder, tmp_path, partition):
     """A job of the higher-tier partition debug takes both nodes. spot (GraceTime=0): SLURM requeues the job
@@ -187,6 +188,7 @@ def cpus_per_node() -> int:
     return int(out.stdout.split()[0])
 
 
+@pytest.mark.slow
 def test_signal_after_the_last_step_completes(cluster, shapes_shards, tiny_autoencoder, tmp_path):
     """SIGTERM while the job writes its final checkpoint and evaluates: the job ends COMPLETED, exit 0."""
     run_dir = tmp_path / "run"
