@@ -252,17 +252,17 @@ class SyncRecorder(TorchFunctionMode):
 def run_recording_syncs(cfg, monkeypatch, also_allowed=frozenset()):
     """train(cfg) with every sync recorded by the step index it happened in (0-based: the log block of
     step index s logs step s + 1)."""
-    from ldm.training import loop
+    from ldm.training import loop, step
 
     recorder = SyncRecorder(also_allowed)
     per_step = cfg.trainer.batch_size // (cfg.trainer.micro_batch_size or cfg.trainer.batch_size)
-    real_seed = loop.micro_batch_seed
+    real_seed = step.micro_batch_seed
 
     def seed(s, index):
         recorder.step = index // per_step  # one process
         return real_seed(s, index)
 
-    monkeypatch.setattr(loop, "micro_batch_seed", seed)
+    monkeypatch.setattr(step, "micro_batch_seed", seed)
     with recorder:
         loop.train(cfg)
     return recorder.events
