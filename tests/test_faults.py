@@ -204,6 +204,7 @@ def test_huge_learning_rate_stops_without_writing_nan(shapes_shards, tmp_path):
         assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
 
 
+@pytest.mark.slow  # ~40 s (two runs, three rewinds); the kl_weight=1e38 test covers healthy rotation by default
 def test_finite_blow_up_keeps_the_healthy_checkpoint_and_names_it(shapes_shards, tmp_path):
     """A healthy run to step 6, resumed with lr=1e6: step 7 is a finite update that blows the weights up
     (the NaN guard cannot see it). The run must end non-zero, rotation (keep_last=2) must keep step 6
