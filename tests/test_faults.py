@@ -216,7 +216,8 @@ def test_finite_blow_up_keeps_the_healthy_checkpoint_and_names_it(shapes_shards,
     proc = cli(shapes_shards, run_dir, "trainer.max_steps=24", *every, "model.optim.autoencoder.lr=1e6",
                "model.optim.discriminator.lr=1e6")
     line = failed(proc)
-    assert "step_00000006" in line, line
+    assert "step_00000006" in line and "trainer.spike.max_rewinds=3" in line, line
+    assert proc.stdout.count("rewinding to step_00000006") == 3  # skipped steps, then 3 rewinds, then the stop
     assert_same_checkpoint(healthy, run_dir / "checkpoints/step_00000006")
     assert (run_dir / "checkpoints/step_00000006/state.json").read_bytes() == (healthy / "state.json").read_bytes()
 
