@@ -64,6 +64,21 @@ class DataConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss / gradient-norm spike guard (ldm/training/guard.py): a step whose loss or global gradient norm
+    exceeds `factor` x its running median is skipped like a non-finite one; `max_in_row` bad steps in a row
+    (spikes or non-finite) rewind to the newest healthy checkpoint; the run stops after `max_rewinds`."""
+    enabled: bool = True  # off: only non-finite steps are skipped (and no rewinds)
+    factor: float = 10.0  # a spike is > factor x the running median (finite blow-ups are 1e3-1e12 x)
+    window: int = 100  # accepted steps in the running median; also the "recent" window of a healthy checkpoint
+    max_in_row: int = 3  # bad steps in a row before rewinding (a single noisy batch is only skipped)
+    max_rewinds: int = 3  # rewinds in one process before the run stops, naming the healthy checkpoint
+    # A checkpoint is healthy only if its weight norm is within (1 + max_weight_change)x of the previous
+    # checkpoint's (or the initial weights'), both ways: a finite blow-up multiplies it by 1e3 or more.
+    max_weight_change: float = 1.0
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 32  # GLOBAL batch: micro_batch x processes x accumulation (no hidden scaling)
@@ -93,6 +108,7 @@ class TrainerConfig:
     stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # checkpoint and stop
     requeue: bool = True  # under SLURM, a signal-stopped job that SLURM still runs requeues itself
     max_bad_steps: int = 20  # consecutive steps with a non-finite loss/grad (each skipped) before the run stops
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
     # Peak dense TFLOP/s of one device, the denominator of train/mfu (ldm/training/meter.py). None: on CUDA
     # the H100/H200 SXM figure, 989 (bf16/fp16) or 494.5 (fp32, run as TF32); on CPU no MFU is logged.
     peak_tflops: Optional[float] = None
@@ -198,7 +214,8 @@ def check_trainer(cfg: Any) -> None:
     t = cfg.trainer
     positive = {"max_steps": t.max_steps, "batch_size": t.batch_size, "log_every": t.log_every,
                 "ckpt_every": t.ckpt_every, "max_bad_steps": t.max_bad_steps, "eval_batches": t.eval_batches,
-                "latent_stat_batches": t.latent_stat_batches}
+                "latent_stat_batches": t.latent_stat_batches, "spike.window": t.spike.window,
+                "spike.max_in_row": t.spike.max_in_row}
     if t.micro_batch_size is not None:
         positive["micro_batch_size"] = t.micro_batch_size
     for key, value in positive.items():
@@ -214,6 +231,9 @@ def check_trainer(cfg: Any) -> None:
     for key, zero in (("eval_every", "only at the end"), ("keep_last", "keep all"), ("lr_warmup_steps", "none")):
         if t[key] < 0:
             raise ConfigError(f"trainer.{key}={t[key]}: must be >= 0 (0 = {zero})")
+    if t.spike.factor <= 1 or t.spike.max_weight_change <= 0 or t.spike.max_rewinds < 0:
+        raise ConfigError(f"trainer.spike: factor={t.spike.factor} must be > 1, max_weight_change="
+                          f"{t.spike.max_weight_change} > 0 and max_rewinds={t.spike.max_rewinds} >= 0")
     if t.mixed_precision == Precision.fp16 and len(cfg.model.optim) > 1:
         raise ConfigError(f"trainer.mixed_precision=fp16 with {len(cfg.model.optim)} optimizers "
                           f"({', '.join(cfg.model.optim)}): Accelerate shares ONE GradScaler between them and updates "

@@ -32,3 +32,8 @@ class RunLockedError(RunError):
 class CacheError(RunError):
     """A latent cache (`data.latents`) that is missing, incomplete, corrupt or stale: the message names
     the directory and the mismatch, and says how to rebuild it."""
+
+
+class DivergedError(NonFiniteError):
+    """Loss or gradient spikes kept coming back after rewinds to the newest healthy checkpoint (or there
+    was none to rewind to)."""

@@ -114,7 +114,7 @@ def test_cache_holds_the_posterior_captions_and_counts(cache, tiny_autoencoder):
 
 def test_a_step_from_the_cache_gives_the_online_loss(cache):
     cfg = cache["cfg"]
-    task = build_task(cfg).train()
+    task = build_task(cfg).task.train()
     task.conditioner.fit_tokenizer([s["caption"] for s in cache["sources"].values()])
     cached = next(iter(build_train_loader(cfg, 8, 0, 1)))
     assert "image" not in cached and cached["latent_mean"].shape == cached["latent_logvar"].shape == (8, 4, 8, 8)
@@ -174,7 +174,7 @@ def test_stale_cache_is_refused_naming_the_change(cache, sources, tiny_autoencod
     from ldm.training.loop import train
 
     cfg, where = cache["cfg"], cache["dir"]
-    task = build_task(cfg)
+    task = build_task(cfg).task
     assert check_cache(cfg, task)["key"] == cache["manifest"]["key"]
     smaller = cfg_for(sources["train"], sources["val"], tiny_autoencoder, f"data.latents={where}", "data.image_size=16")
     with pytest.raises(CacheError, match="is stale: data.image_size is 16 but the cache was built with 32"):
@@ -198,14 +198,14 @@ def test_stale_cache_is_refused_naming_the_change(cache, sources, tiny_autoencod
     retrained = cfg_for(sources["train"], sources["val"], first_stage_with("encoder.conv_in.weight"),
                         f"data.latents={where}", f"run_dir={tmp_path / 'run'}")
     with pytest.raises(CacheError, match="the first stage's encoder weights differ from the ones it was encoded with"):
-        check_cache(retrained, build_task(retrained))
+        check_cache(retrained, build_task(retrained).task)
     with pytest.raises(CacheError, match="is stale"):  # the loop refuses it before any step
         train(retrained)
     assert not (tmp_path / "run" / "checkpoints").exists()
     # the decoder does not produce the latents: fine-tuning it keeps the cache valid
     decoder_tuned = cfg_for(sources["train"], sources["val"], first_stage_with("decoder.conv_out.weight"),
                             f"data.latents={where}")
-    check_cache(decoder_tuned, build_task(decoder_tuned))
+    check_cache(decoder_tuned, build_task(decoder_tuned).task)
 
 
 def test_a_conditioner_that_reads_pixels_cannot_use_a_cache(sources, tiny_autoencoder, tmp_path):
@@ -358,7 +358,7 @@ def test_a_vq_first_stage_caches_its_deterministic_latent(shapes_shards, tmp_pat
         expected = vq.encode_latent(torch.stack([sources[k]["image"] for k in keys]))
     np.testing.assert_allclose(np.stack([npy(stored[k]["mean.npy"]) for k in keys]), expected.numpy(), rtol=1e-5,
                                atol=1e-5)
-    task = build_task(cfg).train()
+    task = build_task(cfg).task.train()
     task.conditioner.fit_tokenizer([s["caption"] for s in sources.values()])
     cached = next(iter(build_train_loader(cfg, 8, 0, 1)))
     torch.testing.assert_close(seeded_loss(task, cached), seeded_loss(task, online_batch(sources, cached["key"])),
@@ -376,7 +376,7 @@ def test_frozen_text_encoder_context_is_cached(shapes_shards, tiny_autoencoder, 
     assert manifest["count"] == 48 and manifest["parts"]["context"]["config"]["max_length"] == 16
     stored, sources = cache_samples(out), source_samples(two_shards)
     keys = sorted(stored)
-    task = build_task(cfg).train()
+    task = build_task(cfg).task.train()
     context = np.stack([npy(stored[k]["context.npy"]) for k in keys])
     expected = task.conditioner.encode([sources[k]["caption"] for k in keys])[0]
     assert context.shape == (48, 16, 384)
@@ -395,4 +395,4 @@ def test_frozen_text_encoder_context_is_cached(shapes_shards, tiny_autoencoder, 
     shorter = cfg_for(two_shards, shapes_shards["val"], tiny_autoencoder, *minilm,
                       "model.task.conditioner.max_length=8", model="sd_v1")
     with pytest.raises(CacheError, match="model.task.conditioner's config changed since its context was cached"):
-        check_cache(shorter, build_task(shorter))
+        check_cache(shorter, build_task(shorter).task)

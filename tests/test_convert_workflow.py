@@ -121,9 +121,9 @@ def test_finetune_export_and_sample_in_diffusers(tiny_sd, shapes_shards, tmp_pat
                                                       f"data.val_shards='{shapes_shards['val']}'"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    task = build_task(cfg)  # what train() builds first: the pretrained weights are in place
+    task, pretrained_ema = build_task(cfg)  # what train() builds first: the pretrained weights are in place
     assert all(torch.equal(v, tiny_sd["raw"][k]) for k, v in task.unet.state_dict().items())
-    assert all(torch.equal(v, tiny_sd["ema"][k]) for k, v in task.pretrained_ema.items())
+    assert all(torch.equal(v, tiny_sd["ema"][k]) for k, v in pretrained_ema.items())
     assert task.first_stage.scale_factor.item() == pytest.approx(0.25)  # the VAE config's scaling_factor
     run_dir = train(cfg)
     assert run_dir == tmp_path / "runs" / "sd_v1-webdataset"

@@ -22,10 +22,22 @@ def test_accelerate_launch_two_cpu_processes(shapes_shards, tmp_path):
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "train/main.py", "model=autoencoder_kl_tiny", "data=shapes", f"data.shards='{shapes_shards['train']}'",
            f"data.val_shards='{shapes_shards['val']}'", "data.image_size=32", "data.num_workers=1",
-           "trainer=debug", "trainer.max_steps=3", "trainer.trace=true", "logger=none", f"run_dir={run_dir}"]
+           "trainer=debug", "trainer.max_steps=3", "trainer.trace=true", "logger=none", f"run_dir={run_dir}",
+           "trainer.progress=true"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es) (ddp), global batch 4 = 2 x 2 x 1" in proc.stdout
+    # Off a terminal (a pipe here, a file under SLURM): plain step lines instead of the tqdm bar, and every
+    # [ldm] line once per job, not once per process.
+    lines = proc.stdout.splitlines()
+    steps = [line for line in lines if line.startswith("[ldm] step ")]
+    assert [line.split()[2] for line in steps] == ["1/3", "2/3", "3/3"], steps
+    assert all(" loss " in line and " img/s " in line and " data wait " in line and " ETA " in line for line in steps)
+    assert "it/s]" not in proc.stderr and "\r" not in proc.stdout  # no bar redraws
+    assert sum(line.startswith("[ldm] saved ") for line in lines) == 2  # step 2 (scheduled) and 3 (final)
+    assert sum("process(es)" in line for line in lines) == 1 and sum("[ldm] meter:" in line for line in lines) >= 1
+    assert len([line for line in lines if line.startswith("[ldm]")]) == len(set(line for line in lines
+                                                                                 if line.startswith("[ldm]")))
 
     keys, checksums = [], []
     for rank in (0, 1):

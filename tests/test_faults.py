@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ldm.training.checkpoint import list_checkpoints, resolve_resume, save_checkpoint, verify_checkpoint, write_manifest
+from ldm.training.checkpoint import Checkpointer, list_checkpoints, resolve_resume, verify_checkpoint, write_manifest
 from ldm.config import ConfigError, check_targets, check_trainer, register_configs
 from ldm.errors import CheckpointError, DataError, NonFiniteError
 from ldm.training.lock import RunLock
@@ -181,11 +181,14 @@ def test_nan_loss_skips_steps_then_stops_and_keeps_finite_state(shapes_shards, a
                       "trainer.max_bad_steps=3", "model.task.loss.kl_weight=1e38"))
     assert "3 steps in a row had a non-finite loss" in line and "trainer.max_bad_steps=3" in line
     assert (run_dir / "autoencoder.safetensors").read_bytes() == before
+    # steps 5, 6 skipped and saved (unhealthy); step 7 stopped the run; keep_last=1 still keeps the newest
+    # healthy checkpoint, step 4, and the message names it
+    assert "newest healthy checkpoint, step_00000004" in line
     last = list_checkpoints(run_dir)
-    assert [p.name for p in last] == ["step_00000006"]  # steps 5, 6 skipped and saved; step 7 stopped the run
-    verify_checkpoint(last[0])
+    assert [p.name for p in last] == ["step_00000004", "step_00000006"]
+    verify_checkpoint(last[1])
     same_tree(load_file(ae_run / "checkpoints/step_00000004/model.safetensors"),
-              load_file(last[0] / "model.safetensors"), "weights after skipped steps")
+              load_file(last[1] / "model.safetensors"), "weights after skipped steps")
     rows = [r.split(",") for r in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
     assert [float(v) for _, k, v in rows if k == "train/skipped_steps"][-1] == 2
 
@@ -201,27 +204,82 @@ def test_huge_learning_rate_stops_without_writing_nan(shapes_shards, tmp_path):
         assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
 
 
+@pytest.mark.slow  # ~40 s (two runs, three rewinds); the kl_weight=1e38 test covers healthy rotation by default
+def test_finite_blow_up_keeps_the_healthy_checkpoint_and_names_it(shapes_shards, tmp_path):
+    """A healthy run to step 6, resumed with lr=1e6: step 7 is a finite update that blows the weights up
+    (the NaN guard cannot see it). The run must end non-zero, rotation (keep_last=2) must keep step 6
+    bit-identical, and the stop message must name it."""
+    run_dir = tmp_path / "run"
+    every = ["trainer.ckpt_every=2", "trainer.keep_last=2"]
+    ok(cli(shapes_shards, run_dir, "trainer.max_steps=6", *every))
+    healthy = shutil.copytree(run_dir / "checkpoints/step_00000006", tmp_path / "step6")
+    proc = cli(shapes_shards, run_dir, "trainer.max_steps=24", *every, "model.optim.autoencoder.lr=1e6",
+               "model.optim.discriminator.lr=1e6")
+    line = failed(proc)
+    assert "step_00000006" in line and "trainer.spike.max_rewinds=3" in line, line
+    assert proc.stdout.count("rewinding to step_00000006") == 3  # skipped steps, then 3 rewinds, then the stop
+    assert_same_checkpoint(healthy, run_dir / "checkpoints/step_00000006")
+    assert (run_dir / "checkpoints/step_00000006/state.json").read_bytes() == (healthy / "state.json").read_bytes()
+
+
 def test_guard_decision_is_shared_by_all_ranks():
     """Another rank's NaN (the all-reduced flag is 1 here while this rank's numbers are finite) skips here too;
     buffers written by the bad forward pass are restored."""
-    from ldm.training.guard import StepGuard
+    from ldm.training.guard import NAN_ROW, StepGuard
 
     module = torch.nn.BatchNorm1d(2)
     guard = StepGuard(2, all_reduce_sum=lambda t: t + 1, main_process=False, module=module)
     module.running_mean.fill_(float("nan"))
     assert guard.update(torch.tensor(1.0), {"g": torch.tensor(1.0)}) == 1  # a device flag, not a bool
-    assert torch.equal(module.running_mean, torch.zeros(2)) and guard.check(step=1) == 1
+    assert torch.equal(module.running_mean, torch.zeros(2)) and guard.check(step=1) is None and guard.skipped == 1
     guard.update(torch.tensor(1.0), {"g": torch.tensor(1.0)})
     with pytest.raises(NonFiniteError, match="2 steps in a row"):
         guard.check(step=2)
     alone = StepGuard(2, all_reduce_sum=lambda t: t)
     assert alone.update(torch.tensor(float("inf")), {}) == 1 and alone.update(torch.tensor(1.0), {}) == 0
-    assert alone.check(step=2) == 1 and alone.counts[1] == 0  # none in a row now
+    assert alone.check(step=2) is None and alone.skipped == 1 and alone.counts[NAN_ROW] == 0  # none in a row now
     # Two skips in a row between two checks stop the run even if a good step followed them.
     for loss in (float("nan"), float("nan"), 1.0):
         alone.update(torch.tensor(loss), {})
     with pytest.raises(NonFiniteError, match="2 steps in a row"):
         alone.check(step=5)
+
+
+def _spike_on_one_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from ldm.config import SpikeConfig
+    from ldm.training.guard import StepGuard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def all_reduce_sum(t):
+        dist.all_reduce(t)
+        return t
+
+    spike = OmegaConf.structured(SpikeConfig(window=8, max_in_row=2))
+    guard, flags = StepGuard(20, all_reduce_sum, rank == 0, spike=spike, world_size=2), []
+    for step in range(12):
+        # rank 1's loss jumps 1000x at steps 6, 9 and 10; rank 0's stays where it was (finite everywhere)
+        loss = 1.0 + 0.01 * step + (1000.0 if rank == 1 and step in (6, 9, 10) else 0.0)
+        flags.append(float(guard.update(torch.tensor(loss), {"g": torch.tensor(2.0)})))
+        if step in (7, 11):
+            flags.append(guard.check(step + 1))
+    torch.save({"flags": flags, "history": guard.history}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_spike_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    """2 processes (gloo): a loss spike on rank 1 alone skips the step on both ranks, both keep the same
+    running statistics, and two spikes in a row ask both for a rewind at the same check."""
+    torch.multiprocessing.spawn(_spike_on_one_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["flags"] == ranks[1]["flags"]
+    flags = ranks[0]["flags"]  # steps 0-7, check at 8, steps 8-11, check at 12
+    assert flags[:8] == [0, 0, 0, 0, 0, 0, 1, 0] and flags[8] is None
+    assert flags[9:13] == [0, 1, 1, 0] and flags[13] == "rewind"
+    assert torch.equal(ranks[0]["history"].nan_to_num(-1), ranks[1]["history"].nan_to_num(-1))
 
 
 def test_non_finite_weights_are_never_written(tmp_path):
@@ -236,8 +294,8 @@ def test_non_finite_weights_are_never_written(tmp_path):
         save_autoencoder(ae, path, {"_target_": "ldm.models.autoencoder.AutoencoderKL"})
     assert path.read_bytes() == before
     with pytest.raises(NonFiniteError, match="refusing to write checkpoint"):
-        save_checkpoint(tmp_path, 1, task=ae, optimizers={}, schedulers={}, ema=None, loader=None, meta={}, rank=0,
-                        world_size=1, barrier=lambda: None, keep_last=1)
+        Checkpointer(tmp_path, task=ae, optimizers={}, schedulers={}, ema=None, loader=None, guard=None, meta={},
+                     rank=0, world_size=1, barrier=lambda: None, keep_last=1, spike=None).save(1, "test")
     assert not (tmp_path / "checkpoints").exists()
 
 

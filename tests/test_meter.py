@@ -252,17 +252,17 @@ class SyncRecorder(TorchFunctionMode):
 def run_recording_syncs(cfg, monkeypatch, also_allowed=frozenset()):
     """train(cfg) with every sync recorded by the step index it happened in (0-based: the log block of
     step index s logs step s + 1)."""
-    from ldm.training import loop
+    from ldm.training import loop, step
 
     recorder = SyncRecorder(also_allowed)
     per_step = cfg.trainer.batch_size // (cfg.trainer.micro_batch_size or cfg.trainer.batch_size)
-    real_seed = loop.micro_batch_seed
+    real_seed = step.micro_batch_seed
 
     def seed(s, index):
         recorder.step = index // per_step  # one process
         return real_seed(s, index)
 
-    monkeypatch.setattr(loop, "micro_batch_seed", seed)
+    monkeypatch.setattr(step, "micro_batch_seed", seed)
     with recorder:
         loop.train(cfg)
     return recorder.events
@@ -297,14 +297,14 @@ def test_stage2_step_is_sync_free_and_eval_stays_out_of_the_window(shapes_shards
     """Stage 2 (text conditioning with CFG dropout, EMA, 2 accumulation micro-steps): no host sync outside
     log steps. An evaluation that takes 1000 s on the meter's clock does not lower img/s."""
     from ldm.tasks import latent_diffusion
-    from ldm.training import loop
+    from ldm.training import loop, step
 
     devices = []
     real_mask = latent_diffusion.sample_drop_mask
     monkeypatch.setattr(latent_diffusion, "sample_drop_mask",
                         lambda *a, **k: devices.append(str(k.get("device"))) or real_mask(*a, **k))
     lag = [0.0]  # the meter's clock: real time plus 1000 s per evaluation
-    monkeypatch.setattr(loop, "ThroughputMeter",
+    monkeypatch.setattr(step, "ThroughputMeter",
                         functools.partial(ThroughputMeter, clock=lambda: time.perf_counter() + lag[0]))
     real_evaluate = loop.evaluate
 

@@ -253,13 +253,13 @@ def load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bo
         warnings.warn(f"partial load of {where} into {type(model).__name__}: {problems}", stacklevel=2)
 
 
-def apply_init_from(task: nn.Module, path: str | os.PathLike) -> None:
+def apply_init_from(task: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
     """`model.init_from=PATH`: start stage 2 from a pretrained UNet (fine-tuning SD-v1/v2), strictly.
 
-    The UNet gets the file's raw weights (`model.diffusion_model.*` / `unet/`); EMA weights (`model_ema.*` /
-    `unet_ema/`), when present, are left on `task.pretrained_ema` for the training loop to start its EMA from.
-    (With `ema.warmup` the EMA follows the raw weights within a few steps anyway.) A resumed run then replaces
-    both with its checkpoint's."""
+    The UNet gets the file's raw weights (`model.diffusion_model.*` / `unet/`); its EMA weights (`model_ema.*` /
+    `unet_ema/`), when present, are returned (checked against the UNet) for the training loop to start its EMA
+    from, else None. (With `ema.warmup` the EMA follows the raw weights within a few steps anyway.) A resumed
+    run then replaces both with its checkpoint's."""
     state, ema, _ = read_unet_weights(path)
     where = f"model.init_from={path}"
     load_checked(task.unet, state, True, where)
@@ -267,8 +267,7 @@ def apply_init_from(task: nn.Module, path: str | os.PathLike) -> None:
         problems, _ = check_state(task.unet, ema, where)
         if problems:
             raise CheckpointMismatchError(f"{where}: its EMA weights do not fit the UNet: {problems}")
-        task.pretrained_ema = ema
-    print(f"[ldm] UNet initialised from {path}" + (" (EMA weights found: the EMA starts from them)" if ema else ""))
+    return ema
 
 
 def mismatch_report(missing: list[str], unexpected: list[str], mismatched: list[str], limit: int = 20) -> str:

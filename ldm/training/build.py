@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -49,24 +50,33 @@ def build_accelerator(cfg) -> tuple[Accelerator, int, int]:
     return accelerator, micro, accum
 
 
-def build_task(cfg) -> torch.nn.Module:
-    """Instantiate `model.task`; stage 2 additionally receives the frozen first-stage autoencoder."""
+class BuiltTask(NamedTuple):
+    task: torch.nn.Module
+    pretrained_ema: dict[str, torch.Tensor] | None  # EMA weights that `model.init_from` brought, if any
+
+
+def build_task(cfg) -> BuiltTask:
+    """Instantiate `model.task`; stage 2 additionally receives the frozen first-stage autoencoder, and
+    `model.init_from` loads pretrained UNet weights (and hands back their EMA, for the EMA to start from)."""
     check_targets(cfg.model.task, "model.task")
     facts = {}
     if cfg.model.get("first_stage") is not None:
         from ldm.convert import load_first_stage  # ours, an SD/CompVis file or a diffusers folder
 
         facts["first_stage"] = load_first_stage(cfg.model.first_stage.ckpt)
-    task = instantiate(cfg.model.task, **facts)
+    task, pretrained_ema = instantiate(cfg.model.task, **facts), None
     if cfg.model.get("init_from"):
         from ldm.convert import apply_init_from
 
-        apply_init_from(task, cfg.model.init_from)
+        pretrained_ema = apply_init_from(task, cfg.model.init_from)
+        if PartialState().is_main_process:  # once per job
+            print(f"[ldm] UNet initialised from {cfg.model.init_from}"
+                  + (" (EMA weights found: the EMA starts from them)" if pretrained_ema else ""), flush=True)
     groups = task.param_groups()
     if set(groups) != set(cfg.model.optim):
         raise ValueError(f"model.optim has groups {sorted(cfg.model.optim)} but {type(task).__name__} trains "
                          f"{sorted(groups)}; give one optimizer entry per group")
-    return task
+    return BuiltTask(task, pretrained_ema)
 
 
 def build_optimizers(cfg, task) -> dict[str, torch.optim.Optimizer]:

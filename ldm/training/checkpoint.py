@@ -3,19 +3,20 @@
 Layout of `<run_dir>/checkpoints/step_00001234/`:
   model.safetensors   trainable task state (frozen parts listed in `task.frozen_prefixes` are skipped)
   ema.safetensors     EMA weights, when the model keeps an EMA
-  training.pt         optimizer states (keyed by parameter name) + LR-scheduler states
+  training.pt         optimizer states (keyed by parameter name) + LR-scheduler states + the step guard's
+                      counters and running loss / gradient-norm statistics
   rank_<r>.pt         per-rank RNG states (python, numpy, torch, cuda) and the data loader's position
   manifest.json       step, and size + CRC-32 of every file above
-  state.json          step, model name, model-config fingerprint, world size — written LAST
+  state.json          step, model name, model-config fingerprint, world size, health — written LAST
 
 Safety: tensors come from safetensors; the two `.pt` files hold only tensors, numbers, strings, lists
 and dicts, and are read with `torch.load(weights_only=True)`, which refuses any pickled object that
-could run code. Integrity: a checkpoint is used only after its manifest (sizes, checksums) and its
-file formats verify; `latest` falls back to the newest checkpoint that does, naming the bad ones.
+could run code. Integrity, atomic writes and rotation: ldm/training/checkpoint_files.py.
 
-Atomicity: a checkpoint is assembled in `step_….tmp/` and renamed into place only when complete.
-Re-saving an existing step first renames the old copy to `step_….old/`, so at every moment one
-complete copy exists under a name `list_checkpoints` recognises.
+Health: `state.json` records whether the run was healthy when the checkpoint was written (no skipped or
+spiking step within `trainer.spike.window` steps, and a weight norm within `trainer.spike.max_weight_change`
+of the last healthy state's). A rewind loads the newest healthy checkpoint, rotation keeps it, and every
+stop message names it.
 
 Weights and optimizer states are written whole (unsharded), gathered through torch's distributed
 state-dict API, so the files are the same under `trainer.strategy=ddp` and `fsdp`: a run saved under one
@@ -26,24 +27,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
 import random
-import re
 import shutil
-import zlib
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm.errors import CheckpointError, CheckpointWriteError, NonFiniteError
+from ldm.errors import CheckpointError, DivergedError, NonFiniteError
+from ldm.training.checkpoint_files import (_crash_point, _kept, _read_json, _safe_torch_load, _say,
+                                           _swap_into_place, _write_json, _writing, is_healthy, newest_healthy,
+                                           rotate_checkpoints, resolve_resume, write_manifest)
+from ldm.training.checkpoint_files import list_checkpoints, verify_checkpoint  # noqa: F401  (the public names)
 
-STEP_DIR = re.compile(r"^step_(\d{8})(\.old)?$")
-MANIFEST = "manifest.json"
+
 OPTIMIZER_KEYS = ("lr", "betas", "weight_decay", "eps")  # the config's settings that override a loaded state
 
 
@@ -51,69 +53,6 @@ def config_fingerprint(model_cfg: dict) -> str:
     """Hash of the model config: a checkpoint only loads into the preset that wrote it."""
     blob = json.dumps(model_cfg, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _main_process() -> bool:
-    """Rank 0 (or no process group): the one that prints warnings."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _say(message: str) -> None:
-    if _main_process():
-        print(message, flush=True)
-
-
-# ------------------------------------------------------------------------------------- listing / resume
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (state.json present), oldest first. `step_X.old` stands in for `step_X` when a
-    re-save of step X was interrupted between its two renames."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    by_step: dict[int, Path] = {}
-    for p in root.iterdir():
-        m = STEP_DIR.match(p.name)
-        if m and (p / "state.json").is_file() and (int(m[1]) not in by_step or m[2] is None):
-            by_step[int(m[1])] = p
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
-    """`never` -> None; `latest` -> newest checkpoint that verifies (warning about newer bad ones), None
-    when there is none at all; else a path that must exist and verify (never a silent fallback)."""
-    if resume == "never":
-        return None
-    if resume == "latest":
-        checkpoints, bad = list_checkpoints(run_dir), []
-        for path in reversed(checkpoints):
-            try:
-                verify_checkpoint(path)
-            except CheckpointError as e:
-                _say(f"[ldm] WARNING: not resuming from {path}: {e}")
-                bad.append(path.name)
-                continue
-            if bad:
-                _say(f"[ldm] WARNING: resuming from {path}, the newest checkpoint that verifies "
-                     f"(skipped {', '.join(bad)}; they stay on disk for inspection)")
-            return path
-        if checkpoints:  # never restart from step 0 behind the user's back
-            raise CheckpointError(f"no checkpoint in {Path(run_dir) / 'checkpoints'} verifies ({', '.join(bad)}; "
-                                  f"reasons above); nothing was loaded: move them aside, or start over with "
-                                  f"trainer.resume=never")
-        return None
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"trainer.resume={resume}: no complete checkpoint there (state.json missing); "
-                                f"use trainer.resume=latest or trainer.resume=never")
-    try:
-        verify_checkpoint(path)
-    except CheckpointError as e:
-        raise CheckpointError(f"trainer.resume={resume} names a checkpoint that does not verify: {e}. It was "
-                              f"named explicitly, so no other checkpoint is tried; use trainer.resume=latest to "
-                              f"fall back to the newest good one") from None
-    return path
 
 
 def _distributed() -> bool:
@@ -137,85 +76,6 @@ def _full_options(cpu_offload: bool = False, strict: bool = True):
     if _distributed():
         return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, strict=strict)
     return StateDictOptions(strict=strict)
-
-
-# ---------------------------------------------------------------------------------- manifest / verify
-def file_checksum(path: Path) -> str:
-    """CRC-32 of a file (zlib, ~1.8 GB/s here): catches flipped, truncated or zeroed bytes, cheaply."""
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
-
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is unreadable or not JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
-    return value
-
-
-def write_manifest(directory: Path, step: int) -> None:
-    """manifest.json: size and CRC-32 of every file in `directory` (except state.json, written after)."""
-    files = {p.name: {"bytes": p.stat().st_size, "crc32": file_checksum(p)}
-             for p in sorted(directory.iterdir()) if p.is_file() and p.name not in (MANIFEST, "state.json")}
-    _write_json(directory / MANIFEST, {"step": step, "files": files})
-
-
-def _safe_torch_load(path: Path, **kwargs) -> Any:
-    """torch.load that can only build tensors and plain containers: a pickled object is refused, never run."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
-    except Exception as e:  # UnpicklingError (unsafe or broken pickle), zip errors, truncation, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} cannot be loaded safely ({type(e).__name__}: {first})") from None
-
-
-def verify_checkpoint(path: str | Path) -> dict:
-    """Raise CheckpointError naming the file unless the checkpoint at `path` is complete and intact:
-    state.json and manifest.json parse and agree, every file has its recorded size and checksum, the
-    safetensors headers parse and the .pt files load with weights_only=True. Returns state.json."""
-    path = Path(path)
-    state, manifest = _read_json(path / "state.json"), _read_json(path / MANIFEST)
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not isinstance(state.get("step"), int) or manifest.get("step") != state["step"]:
-        raise CheckpointError(f"{path / MANIFEST} does not describe step {state.get('step')} of state.json")
-    world = state.get("world_size", 1)
-    for name in ["model.safetensors", "training.pt", *(f"rank_{r}.pt" for r in range(world))]:
-        if name not in files:
-            raise CheckpointError(f"{path / MANIFEST} does not list {name}")
-    for name, entry in files.items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f} is missing")
-        if f.stat().st_size != entry["bytes"]:
-            raise CheckpointError(f"{f} has {f.stat().st_size} bytes, the manifest says {entry['bytes']} "
-                                  f"(truncated or overwritten)")
-        if file_checksum(f) != entry["crc32"]:
-            raise CheckpointError(f"{f} does not match its checksum (its bytes changed after it was written)")
-    for name in files:
-        f = path / name
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(f, framework="pt") as handle:
-                    handle.keys()
-            except Exception as e:
-                raise CheckpointError(f"{f} is not a valid safetensors file ({e})") from None
-        elif name.endswith(".pt"):
-            _safe_torch_load(f, mmap=True)  # mmap: the structure is checked, tensors stay on disk
-    return state
 
 
 # ------------------------------------------------------------------------------------------ RNG state
@@ -273,99 +133,6 @@ def non_finite_tensors(*state_dicts: dict[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding a NaN or an Inf."""
     return [k for sd in state_dicts for k, v in sd.items()
             if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
-
-
-def _kept(run_dir: Path) -> str:
-    names = [p.name for p in list_checkpoints(run_dir)]
-    return f"the checkpoints on disk ({', '.join(names)}) are untouched" if names else "no earlier checkpoint exists"
-
-
-@contextmanager
-def _writing(tmp: Path, run_dir: Path, step: int):
-    """Turn a failed write (disk full, permissions, torch's 'enforce fail at inline_container.cc') into
-    one message naming the path and what was kept; the partial directory is removed to free the space."""
-    try:
-        yield
-    except (OSError, RuntimeError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"could not write checkpoint step {step} into {tmp} "
-                                   f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e}); "
-                                   f"the partial copy was removed and {_kept(run_dir)}") from None
-
-
-def _crash_point(name: str, step: int, rank: int) -> None:
-    """Test hook: LDM_TEST_KILL=<name>:<step>:<rank> SIGKILLs this process here, so tests/test_faults.py can
-    kill a real run at an exact moment of a save (a timer cannot hit a millisecond-long save)."""
-    if os.environ.get("LDM_TEST_KILL") == f"{name}:{step}:{rank}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _swap_into_place(tmp: Path, final: Path, step: int = -1) -> None:
-    """tmp -> final. An existing `final` is first renamed to `final.old`, deleted only once the new copy
-    has its name: a kill between the renames leaves `.old`, which list_checkpoints accepts."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        _crash_point("swap", step, 0)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def rotate_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` checkpoints (0 keeps all) and drop leftovers of interrupted saves.
-    Every checkpoint on disk has finite weights (save_checkpoint refuses others), so the newest finite
-    one is always kept."""
-    checkpoints = list_checkpoints(run_dir)
-    for old in checkpoints[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    newest = int(STEP_DIR.match(checkpoints[-1].name)[1]) if checkpoints else -1
-    for p in (Path(run_dir) / "checkpoints").iterdir():
-        m = re.match(r"^step_(\d{8})\.(tmp|old)$", p.name)
-        if m and int(m[1]) <= newest and p not in checkpoints:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def save_checkpoint(run_dir: str | Path, step: int, *, task, optimizers: dict, schedulers: dict, ema,
-                    loader, meta: dict, rank: int, world_size: int, barrier: Callable[[], None],
-                    keep_last: int) -> Path:
-    run_dir = Path(run_dir)
-    root = run_dir / "checkpoints"
-    final = root / f"step_{step:08d}"
-    tmp = root / f"step_{step:08d}.tmp"
-    # Gathered on every rank (FSDP collectives); rank 0 holds the whole tensors and checks them, and the
-    # verdict is shared, so every rank takes the same decision (no rank waits alone in a barrier).
-    weights, optimizer_states = _task_state(task), _optimizer_states(task, optimizers)
-    ema_weights = None if ema is None else {k: v.contiguous() for k, v in ema.state_dict().items()}
-    bad = non_finite_tensors(weights, ema_weights or {}) if rank == 0 else []
-    if _any_rank(bool(bad)):
-        raise NonFiniteError(f"refusing to write checkpoint {final}: non-finite weights in {bad[:5] or 'the model'}; "
-                             f"{_kept(run_dir)}")
-    if rank == 0:
-        with _writing(tmp, run_dir, step):
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-    barrier()
-    with _writing(tmp, run_dir, step):
-        torch.save({"rng": rng_state(), "data": loader.state_dict()}, tmp / f"rank_{rank}.pt")
-    _crash_point("rank", step, rank)
-    barrier()
-    if rank == 0:
-        with _writing(tmp, run_dir, step):
-            save_file(weights, tmp / "model.safetensors")
-            _crash_point("model", step, rank)
-            if ema_weights is not None:
-                save_file(ema_weights, tmp / "ema.safetensors")
-            torch.save({"optimizers": optimizer_states,
-                        "schedulers": {k: s.state_dict() for k, s in schedulers.items()}}, tmp / "training.pt")
-            write_manifest(tmp, step)
-            _write_json(tmp / "state.json", {"step": step, "world_size": world_size, **meta})  # last: complete
-            _swap_into_place(tmp, final, step)
-        rotate_checkpoints(run_dir, keep_last)
-    barrier()
-    return final
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -431,43 +198,194 @@ def _read_checkpoint(path: Path, rank: int, world_size: int, state: dict, with_e
     return files
 
 
-def load_checkpoint(path: str | Path, *, task, optimizers: dict, schedulers: dict, ema, loader,
-                    meta: dict, rank: int, world_size: int) -> int:
-    """Restore everything saved by `save_checkpoint`; returns the step. Every file is read (safely) and
-    checked first, so a bad checkpoint raises with its path and leaves the run untouched; nothing is loaded
-    when the checkpoint belongs to another model preset. The config's optimizer settings (lr, betas,
-    weight decay, eps) override the loaded ones, and the note lists the changed keys."""
-    path = Path(path)
-    state = _read_json(path / "state.json")
-    if state.get("model") != meta.get("model"):
-        raise ValueError(f"checkpoint {path} belongs to another model preset ('{state.get('model')}', this run is "
-                         f"'{meta.get('model')}'); use another run_dir or trainer.resume=never")
-    files = _read_checkpoint(path, rank, world_size, state, ema is not None)
-    check_task_weights(task, files["weights"], path)
-    wanted = {k: _optimizer_settings(o) for k, o in optimizers.items()}
-    _load_task_state(task, files["weights"])
-    if ema is not None:
-        ema.load_state_dict(files["ema"])
-    for k, o in optimizers.items():
-        _load_optimizer_state(task, o, files["training"]["optimizers"][k])
-    for k, s in schedulers.items():
-        s.load_state_dict(files["training"]["schedulers"][k])
-    changes = [c for k, o in optimizers.items() for c in _apply_optimizer_settings(k, o, schedulers.get(k), wanted[k])]
-    if rank == 0 and changes:
-        print(f"[ldm] note: optimizer settings changed since {path.name}: {'; '.join(changes)}; the new values "
-              f"apply from this step on")
-    if state.get("fingerprint") != meta.get("fingerprint") and rank == 0:
-        print(f"[ldm] note: the model config changed since {path.name}; the architecture matches, so the weights "
-              f"load, and everything read from the config (loss weights, optimizer settings) follows the new values")
-    if "per_rank" in files:
-        per_rank = files["per_rank"]
-        set_rng_state(per_rank["rng"])
+# ------------------------------------------------------------------------------------ the checkpoint object
+def weight_norm(weights: dict[str, torch.Tensor]) -> float:
+    """L2 norm of all floating-point tensors (one pass; a finite blow-up multiplies it by 1e3 or more)."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(v.float())) ** 2
+                         for v in weights.values() if v.is_floating_point()))
+
+
+class Checkpointer:
+    """The run's state on disk, as one object (EDM2's CheckpointIO): built once from everything a step
+    changes; `save(step, reason)`, `load_latest(resume)`, `load(path)` and `rewind(step)` are collectives
+    (every rank calls them, at the same step)."""
+
+    def __init__(self, run_dir: str | Path, *, task, optimizers: dict, schedulers: dict, ema, loader, guard,
+                 meta: dict, rank: int, world_size: int, barrier: Callable[[], None], keep_last: int, spike,
+                 log: Callable[[int, dict], None] | None = None):
+        self.run_dir, self.task, self.optimizers, self.schedulers = Path(run_dir), task, optimizers, schedulers
+        self.ema, self.loader, self.guard, self.meta = ema, loader, guard, meta
+        self.rank, self.world_size, self.barrier, self.keep_last = rank, world_size, barrier, keep_last
+        self.spike, self.log = spike, log
+        self.reference_norm: float | None = None  # weight norm of the last healthy state (rank 0)
+        self.rewinds = 0
+
+    # -- saving
+    def save(self, step: int, reason: str) -> Path:
+        """Write checkpoint `step` (refused if any weight is non-finite), rotate, log its duration."""
+        start = time.perf_counter()
+        path = self._write(step)
+        seconds = time.perf_counter() - start  # size the SLURM --signal lead time from this (README)
+        _say(f"[ldm] saved {path} ({reason}) in {seconds:.1f} s")
+        if self.log is not None:
+            self.log(step, {"checkpoint/save_seconds": seconds})
+        return path
+
+    def _health(self, weights: dict[str, torch.Tensor]) -> dict:
+        """Rank 0: whether the run is healthy now (see the module docstring), with the reasons if not."""
+        norm, reasons = weight_norm(weights), []
+        if self.guard.recent_skips():
+            reasons.append(f"a step was skipped within the last {self.spike.window} steps")
+        bound = 1 + self.spike.max_weight_change
+        if self.reference_norm and not self.reference_norm / bound <= norm <= self.reference_norm * bound:
+            reasons.append(f"weight norm {self.reference_norm:.4g} -> {norm:.4g} (more than {bound:g}x)")
+        health = {"healthy": not reasons, "weight_norm": norm, "reference_norm": self.reference_norm,
+                  "reasons": reasons}
+        if not reasons:
+            self.reference_norm = norm
+        return health
+
+    def _write(self, step: int) -> Path:
+        run_dir, rank = self.run_dir, self.rank
+        root = run_dir / "checkpoints"
+        final = root / f"step_{step:08d}"
+        tmp = root / f"step_{step:08d}.tmp"
+        # Gathered on every rank (FSDP collectives); rank 0 holds the whole tensors and checks them, and the
+        # verdict is shared, so every rank takes the same decision (no rank waits alone in a barrier).
+        weights, optimizer_states = _task_state(self.task), _optimizer_states(self.task, self.optimizers)
+        ema_weights = None if self.ema is None else {k: v.contiguous() for k, v in self.ema.state_dict().items()}
+        bad = non_finite_tensors(weights, ema_weights or {}) if rank == 0 else []
+        if _any_rank(bool(bad)):
+            raise NonFiniteError(f"refusing to write checkpoint {final}: non-finite weights in "
+                                 f"{bad[:5] or 'the model'}; {_kept(run_dir)}")
+        guard_state = self.guard.state_dict()
+        health = self._health(weights) if rank == 0 else None
+        if rank == 0:
+            with _writing(tmp, run_dir, step):
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        self.barrier()
+        with _writing(tmp, run_dir, step):
+            torch.save({"rng": rng_state(), "data": self.loader.state_dict()}, tmp / f"rank_{rank}.pt")
+        _crash_point("rank", step, rank)
+        self.barrier()
+        if rank == 0:
+            with _writing(tmp, run_dir, step):
+                save_file(weights, tmp / "model.safetensors")
+                _crash_point("model", step, rank)
+                if ema_weights is not None:
+                    save_file(ema_weights, tmp / "ema.safetensors")
+                torch.save({"optimizers": optimizer_states, "guard": guard_state,
+                            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}}, tmp / "training.pt")
+                write_manifest(tmp, step)
+                _write_json(tmp / "state.json", {"step": step, "world_size": self.world_size, **self.meta,
+                                                 "health": health})  # last: complete
+                _swap_into_place(tmp, final, step)
+            rotate_checkpoints(run_dir, self.keep_last)
+        self.barrier()
+        return final
+
+    # -- loading
+    def load_latest(self, resume: str) -> tuple[int, Path | None]:
+        """`trainer.resume` (latest | never | PATH): (step, checkpoint) to continue from, (0, None) for a
+        fresh run, whose initial weights are then the reference of the first health check."""
+        path = resolve_resume(resume, self.run_dir)
+        if path is None:
+            weights = _task_state(self.task)  # a collective under FSDP
+            self.reference_norm = weight_norm(weights) if self.rank == 0 else None
+            return 0, None
+        return self.load(path), path
+
+    def load(self, path: str | Path, rewind: bool = False) -> int:
+        """Restore everything `save` wrote; returns the step. Every file is read (safely) and checked first,
+        so a bad checkpoint raises with its path and leaves the run untouched; nothing is loaded when the
+        checkpoint belongs to another model preset. The config's optimizer settings (lr, betas, weight
+        decay, eps) override the loaded ones, and the note lists the changed keys. A rewind keeps the data
+        position and RNG streams where they are: the batches that caused it are not read again."""
+        path, rank, world_size, task, meta = Path(path), self.rank, self.world_size, self.task, self.meta
+        state = _read_json(path / "state.json")
+        if state.get("model") != meta.get("model"):
+            raise ValueError(f"checkpoint {path} belongs to another model preset ('{state.get('model')}', this run "
+                             f"is '{meta.get('model')}'); use another run_dir or trainer.resume=never")
+        files = _read_checkpoint(path, rank, world_size, state, self.ema is not None)
+        check_task_weights(task, files["weights"], path)
+        wanted = {k: _optimizer_settings(o) for k, o in self.optimizers.items()}
+        _load_task_state(task, files["weights"])
+        if self.ema is not None:
+            self.ema.load_state_dict(files["ema"])
+        for k, o in self.optimizers.items():
+            _load_optimizer_state(task, o, files["training"]["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(files["training"]["schedulers"][k])
+        changes = [c for k, o in self.optimizers.items()
+                   for c in _apply_optimizer_settings(k, o, self.schedulers.get(k), wanted[k])]
+        step = int(state["step"])
+        if "guard" in files["training"]:  # (absent in checkpoints written before the spike guard)
+            self.guard.load_state_dict(files["training"]["guard"], phase=task.step_phase(step - 1))
+        health = state.get("health") or {}
+        self.reference_norm = health.get("weight_norm") if health.get("healthy", True) else health.get("reference_norm")
+        if self.reference_norm is None:
+            self.reference_norm = weight_norm(files["weights"])
+        self.guard.snapshot_buffers()
+        if rewind:
+            return step
+        if rank == 0 and changes:
+            print(f"[ldm] note: optimizer settings changed since {path.name}: {'; '.join(changes)}; the new values "
+                  f"apply from this step on")
+        if state.get("fingerprint") != meta.get("fingerprint") and rank == 0:
+            print(f"[ldm] note: the model config changed since {path.name}; the architecture matches, so the "
+                  f"weights load, and everything read from the config (loss weights, optimizer settings) follows "
+                  f"the new values")
+        self._restore_position(files, path, state)
+        return step
+
+    def _restore_position(self, files: dict, path: Path, state: dict) -> None:
+        rank, world_size, loader = self.rank, self.world_size, self.loader
+        if "per_rank" in files:
+            per_rank = files["per_rank"]
+            set_rng_state(per_rank["rng"])
+            try:
+                loader.load_state_dict(per_rank["data"])
+            except ValueError as e:  # e.g. data.num_workers changed: exact position impossible
+                print(f"[ldm] rank {rank}: cannot restore the exact data position ({e}); restarting its epoch")
+                loader.load_state_dict(per_rank["data"], strict=False)
+        elif rank == 0:
+            print(f"[ldm] resuming {path} written by {state['world_size']} processes on {world_size}: "
+                  f"weights and optimizer restored; data position and RNG start fresh")
+
+    # -- divergence
+    def rewind(self, step: int) -> int:
+        """`trainer.spike.max_in_row` bad steps in a row: reload the newest healthy checkpoint and go on
+        with the next batches; returns its step. Stops (DivergedError) after `max_rewinds` rewinds."""
+        path = newest_healthy(self.run_dir)
+        why = f"{self.spike.max_in_row} steps in a row were skipped (loss or gradient spikes, or non-finite)"
+        if path is None:
+            raise DivergedError(f"stopping at step {step}: {why}, and there is no healthy checkpoint to rewind to")
+        if self.rewinds >= self.spike.max_rewinds:
+            raise DivergedError(f"stopping at step {step}: {why} again after {self.rewinds} rewind(s) "
+                                f"(trainer.spike.max_rewinds={self.spike.max_rewinds}); the run keeps diverging")
+        self.rewinds += 1
+        _say(f"[ldm] step {step}: {why}; rewinding to {path.name} (rewind {self.rewinds} of "
+             f"{self.spike.max_rewinds}) and going on with the next batches")
+        totals = self.guard.totals()
+        step = self.load(path, rewind=True)
+        self.guard.keep_totals(totals)
+        return step
+
+    def resume_hint(self, path: Path | None = None) -> str:
+        """Where to resume from: `path` when it is healthy, else the newest healthy checkpoint."""
+        if path is not None and is_healthy(path):
+            return f"rerun the same command to resume from {path.name}"
+        healthy = newest_healthy(self.run_dir)
+        if healthy is None:
+            return "no healthy checkpoint exists: fix the cause and start over with trainer.resume=never"
+        return (f"resume from the newest healthy checkpoint, {healthy.name}: fix the cause (e.g. lower the learning "
+                f"rate or the offending loss weight) and rerun with trainer.resume={healthy}")
+
+    @contextmanager
+    def stops_name_healthy(self):
+        """A divergence stop (non-finite or spiking steps, non-finite weights) names the checkpoint to resume from."""
         try:
-            loader.load_state_dict(per_rank["data"])
-        except ValueError as e:  # e.g. data.num_workers changed: exact position impossible
-            print(f"[ldm] rank {rank}: cannot restore the exact data position ({e}); restarting its epoch")
-            loader.load_state_dict(per_rank["data"], strict=False)
-    elif rank == 0:
-        print(f"[ldm] resuming {path} written by {state['world_size']} processes on {world_size}: "
-              f"weights and optimizer restored; data position and RNG start fresh")
-    return int(state["step"])
+            yield
+        except NonFiniteError as e:
+            raise type(e)(f"{e}; {self.resume_hint()}") from None

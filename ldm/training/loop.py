@@ -2,33 +2,25 @@
 (docs/architecture.md). Rerunning the same command in the same run directory resumes."""
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
-from ldm.training.checkpoint import config_fingerprint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.data.latent_cache import check_cache
-from ldm.training.ema import EMA
 from ldm.tasks.base import RunContext
-from ldm.training.blocks import apply_activation_checkpointing, compile_blocks
-from ldm.training.build import (build_accelerator, build_eval_loader, build_optimizers, build_scheduler,
-                                build_task, build_train_loader, save_config)
-from ldm.training.guard import StepGuard
-from ldm.training.meter import ThroughputMeter, count_step_flops, default_peak_tflops
-from ldm.training.parallel import parallelize, whole
+from ldm.training.build import (BuiltTask, build_accelerator, build_eval_loader, build_task, build_train_loader,
+                                save_config)
+from ldm.training.checkpoint import Checkpointer, config_fingerprint
+from ldm.training.guard import REWIND
+from ldm.training.parallel import parallelize
 from ldm.training.preemption import StopRequest, after_stop, report_outcome
-from ldm.training.tracking import CSVLog, init_tracking, log_images
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+from ldm.training.progress import RunLog, say
+from ldm.training.step import TrainStep, to_device
+from ldm.training.tracking import log_images
 
 
 @torch.no_grad()
@@ -61,197 +53,142 @@ def evaluate(task, cfg, accelerator, step: int, run_dir: Path, ema=None) -> dict
 
 
 def train(cfg) -> Path:
-    run_dir = Path(cfg.run_dir)
+    """Train `cfg.model` on `cfg.data` in `cfg.run_dir`, resuming from its newest checkpoint."""
+    # Initialize the processes; from here on a stop signal is never lost.
+    accelerator, micro, accum = _start(cfg)
+    stop = StopRequest(list(cfg.trainer.stop_signals)).install()
+    # (missing shards fail here, before any model is built)
+    loader = build_train_loader(cfg, micro, accelerator.process_index, accelerator.num_processes)
+
+    # Construct the task, parallelize it, then what holds its (possibly sharded) parameters.
+    built, run = _build_task(cfg, accelerator, micro)
+    model = parallelize(built.task, cfg.trainer, accelerator)
+    steps = TrainStep(cfg, built, model, accelerator, accum)
+    log = RunLog(cfg, accelerator)
+    ckpt = _checkpointer(cfg, steps, loader, accelerator, log)
+
+    # Load the latest checkpoint.
+    step = _resume(cfg, ckpt, accelerator, micro, accum)
+    log.start(step)
+    steps.prepare()
+
+    # Train until max_steps or a stop signal; all ranks agree on both at the same step.
+    data = iter(loader)
+    with ckpt.stops_name_healthy():
+        while step < cfg.trainer.max_steps and not stop.agreed():
+            # Evaluate loss and accumulate gradients; update weights, EMA and schedules.
+            steps.run(step, data)
+            step += 1
+
+            # Check the step guard at log and checkpoint steps (the host reads its counters only there).
+            if _due(step, cfg.trainer) and steps.guard.check(step) == REWIND:
+                step = ckpt.rewind(step)
+                log.restart_clock(step)
+                continue
+
+            # Report status.
+            if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
+                log.step(step, {**steps.values(), **{f"data/skipped_{k}": v for k, v in loader.skipped.items()}})
+            else:
+                log.step(step)
+
+            # Evaluate held-out metrics and save a checkpoint.
+            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.max_steps:
+                with steps.meter.excluded():
+                    log.write(step, evaluate(built.task, cfg, accelerator, step, Path(cfg.run_dir), steps.ema))
+            if step % cfg.trainer.ckpt_every == 0 and step < cfg.trainer.max_steps:
+                with steps.meter.excluded():
+                    ckpt.save(step, "scheduled")
+
+        # Done: the loader's workers stop now (they ignore SIGTERM: see ignore_stop_signals).
+        log.close()
+        data.close()
+        steps.close()
+        if stop.received is not None and step < cfg.trainer.max_steps:
+            _stop(cfg, ckpt, stop, step, accelerator)
+        _finish(cfg, built, run, ckpt, steps, log, step, accelerator)
+    return Path(cfg.run_dir)
+
+
+def _start(cfg):
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    accelerator, micro, accum = build_accelerator(cfg)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    stop = StopRequest(list(cfg.trainer.stop_signals)).install()  # before anything slow: a signal is never lost
-    loader = build_train_loader(cfg, micro, rank, world)  # missing shards fail here, before any model is built
-    set_seed(cfg.trainer.seed)  # identical initial weights on every rank
-    task = build_task(cfg)
+    return build_accelerator(cfg)
+
+
+def _build_task(cfg, accelerator, micro: int) -> tuple[BuiltTask, RunContext]:
+    """The task with identical initial weights on every rank, checked against the latent cache, started."""
+    set_seed(cfg.trainer.seed)
+    built = build_task(cfg)
     if cfg.data.get("latents"):  # a stale latent cache is refused before any step
-        check_cache(cfg, task)
+        check_cache(cfg, built.task)
     run = RunContext(
-        run_dir=run_dir, is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
+        run_dir=Path(cfg.run_dir), is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
         device=accelerator.device, data=cfg.data,
         task_config=OmegaConf.to_container(cfg.model.task, resolve=True),
         statistics_batches=lambda: (to_device(b, accelerator.device) for b, _ in zip(
             build_eval_loader(cfg, micro, shards=cfg.data.shards), range(cfg.trainer.latent_stat_batches))))
-    task.on_train_start(run)
-    if cfg.trainer.channels_last:
-        task = task.to(memory_format=torch.channels_last)
-    # torchtitan's order: checkpointing, then compile (the compiled blocks hold the recomputation), then
-    # parallelism. Both act on task.blocks() in place: parameter names and state-dict keys are unchanged.
-    recompute = cfg.trainer.activation_checkpointing.value
-    blocks = apply_activation_checkpointing(task, recompute)
-    if cfg.trainer.compile:
-        blocks = compile_blocks(task)
-    if recompute != "none" or cfg.trainer.compile:
-        accelerator.print(f"[ldm] activation checkpointing {recompute}, compile {'on' if cfg.trainer.compile else 'off'}: "
-                          f"{blocks} blocks of {type(task).__name__}")
-    # Parallelism next, then everything that holds parameters: FSDP replaces them with shards, and the
-    # optimizers and the EMA must hold those.
-    model = parallelize(task, cfg.trainer.strategy.value, accelerator)
-    optimizers = build_optimizers(cfg, task)
-    schedulers = {k: build_scheduler(cfg.trainer, o) for k, o in optimizers.items()}
-    ema_target = task.ema_target()
-    ema = EMA(ema_target, **cfg.model.ema) if cfg.model.ema is not None and ema_target is not None else None
-    if ema is not None and hasattr(task, "pretrained_ema"):  # model.init_from brought EMA weights (ldm/convert)
-        ema.load_shadow(task.__dict__.pop("pretrained_ema"))
+    built.task.on_train_start(run)
+    return built, run
+
+
+def _checkpointer(cfg, steps: TrainStep, loader, accelerator, log: RunLog) -> Checkpointer:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
     meta = {"model": cfg.model.name, "fingerprint": config_fingerprint(model_cfg),
             "strategy": cfg.trainer.strategy.value}
+    return Checkpointer(cfg.run_dir, task=steps.task, optimizers=steps.optimizers, schedulers=steps.schedulers,
+                        ema=steps.ema, loader=loader, guard=steps.guard, meta=meta, rank=accelerator.process_index,
+                        world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+                        keep_last=cfg.trainer.keep_last, spike=cfg.trainer.spike, log=log.write)
 
-    step = 0
-    resume_from = resolve_resume(cfg.trainer.resume, run_dir)
-    if resume_from is not None:
-        step = load_checkpoint(resume_from, task=task, optimizers=optimizers, schedulers=schedulers, ema=ema,
-                               loader=loader, meta=meta, rank=rank, world_size=world)
-    else:
-        set_seed(cfg.trainer.seed + rank)  # different noise / dropout draws on each rank
+
+def _resume(cfg, ckpt: Checkpointer, accelerator, micro: int, accum: int) -> int:
+    """The step to start from (the latest checkpoint's, or 0), announced in one line."""
+    step, path = ckpt.load_latest(cfg.trainer.resume)
+    if path is None:
+        set_seed(cfg.trainer.seed + accelerator.process_index)  # different noise / dropout draws on each rank
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir)
-        print(f"[ldm] {cfg.model.name} on {cfg.data.name}: {world} process(es) ({cfg.trainer.strategy.value}), "
-              f"global batch {cfg.trainer.batch_size} = {micro} x {world} x {accum} accumulation, run dir {run_dir}"
-              + (f", resuming {resume_from.name}" if resume_from else ""))
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.run_dir))
+    say(accelerator, f"[ldm] {cfg.model.name} on {cfg.data.name}: {accelerator.num_processes} process(es) "
+                     f"({cfg.trainer.strategy.value}), global batch {cfg.trainer.batch_size} = {micro} x "
+                     f"{accelerator.num_processes} x {accum} accumulation, run dir {cfg.run_dir}"
+                     + (f", resuming {path.name}" if path else ""))
     accelerator.wait_for_everyone()
-    init_tracking(accelerator, cfg, run_dir)
-    csv_log = CSVLog(run_dir, accelerator.is_main_process)
-    if ema is not None:
-        ema.to(accelerator.device)
-    opts = {k: accelerator.prepare(o) for k, o in optimizers.items()}
-    groups = task.param_groups()
-    checkpoint_kwargs = dict(task=task, optimizers=optimizers, schedulers=schedulers, ema=ema, loader=loader,
-                             meta=meta, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone,
-                             keep_last=cfg.trainer.keep_last)
+    return step
 
-    def checkpoint(reason: str) -> Path:
-        guard.check(step)  # a diverged run stops here instead of saving (its weights are the last finite ones)
-        with meter.excluded():
-            start = time.perf_counter()
-            path = save_checkpoint(run_dir, step, **checkpoint_kwargs)
-            seconds = time.perf_counter() - start  # size the SLURM --signal lead time from this (README)
-        accelerator.print(f"[ldm] saved {path} ({reason}) in {seconds:.1f} s")
-        accelerator.log({"checkpoint/save_seconds": seconds}, step=step)
-        csv_log.write(step, {"checkpoint/save_seconds": seconds})
-        return path
 
-    trace = (run_dir / f"trace_rank{rank}.txt").open("a") if cfg.trainer.trace else None
-    data = iter(loader)
-    bar = tqdm(total=cfg.trainer.max_steps, initial=step, disable=not (cfg.trainer.progress and
-                                                                       accelerator.is_main_process), dynamic_ncols=True)
-    clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
-    guard = StepGuard(cfg.trainer.max_bad_steps, lambda t: accelerator.reduce(t, "sum"), accelerator.is_main_process,
-                      task, accelerator.device)
-    peak = cfg.trainer.peak_tflops or default_peak_tflops(accelerator.device.type, cfg.trainer.mixed_precision.value)
-    meter = ThroughputMeter(world, peak, synchronize=torch.cuda.synchronize if torch.cuda.is_available() else None)
-    flops_per_image = {}  # by task.step_phase(step): counted on the first micro-batch of each phase
-    # No host sync inside the step (a .item() or float() of a device tensor waits for the GPU queue to drain):
-    # the NaN guard's decision stays on the device, and values are read only at log steps.
-    # The stop decision is all-reduced after every step, so all ranks leave the loop at the same step.
-    while step < cfg.trainer.max_steps and not stop.agreed():
-        skip = None
-        for micro_step in range(accum):
-            # The random draws of each micro-batch (noise, timesteps, condition dropout) come from a seed of
-            # (seed, its index in the global batch stream): a run's randomness does not depend on how many
-            # processes share the global batch, so 2 processes train the same model as 1.
-            torch.manual_seed(micro_batch_seed(cfg.trainer.seed, (step * accum + micro_step) * world + rank))
-            with meter.waiting():
-                batch = next(data)
-            batch = to_device(batch, accelerator.device)
-            images, phase = len(batch["key"]), task.step_phase(step)
-            if phase not in flops_per_image:
-                with meter.excluded():
-                    flops_per_image[phase] = count_step_flops(task, batch, step, accelerator.autocast) / images
-                accelerator.print(meter.describe(flops_per_image[phase], step))
-            with accelerator.accumulate(model), accelerator.autocast():
-                loss, logs = model(batch, step)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.unscale_gradients()
-                    norms = {k: torch.nn.utils.clip_grad_norm_(ps, clip) for k, ps in groups.items()}
-                    norms = {k: whole(n) for k, n in norms.items()}  # FSDP: DTensor -> tensor
-                    skip = guard.update(loss, norms)  # NaN/Inf: a device flag, the same on every rank
-                    if accelerator.scaler is None:  # (fp16: the GradScaler sets found_inf from its own check)
-                        for opt in optimizers.values():
-                            opt.found_inf = skip  # fused AdamW: 1 leaves weights, moments and step count as they are
-                for opt in opts.values():
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-            meter.add(images, flops_per_image[phase] * images)
-            if trace:
-                trace.write("".join(f"{step} {k}\n" for k in batch["key"]))
-                trace.flush()
-        for s in schedulers.values():
-            s.step()
-        if ema is not None:
-            ema.update(ema_target, skip)
-        step += 1
-        bar.update(1)
+def _due(step: int, trainer) -> bool:
+    """A log or checkpoint step: the guard's counters are read (and acted on) before either."""
+    return step % trainer.log_every == 0 or step == trainer.max_steps or \
+        (step % trainer.ckpt_every == 0 and step < trainer.max_steps)
 
-        if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:  # the host reads values here only
-            values = {f"train/{k}": _scalar(v) for k, v in logs.items()}
-            values.update({f"grad_norm/{k}": _scalar(v) for k, v in norms.items()})
-            values.update({f"lr/{k}": s.get_last_lr()[0] for k, s in schedulers.items()})
-            values["train/skipped_steps"] = guard.check(step)  # NonFiniteError after max_bad_steps in a row
-            values.update(meter.read())  # img_per_s, tflops, mfu, data_wait
-            values.update({f"data/skipped_{k}": v for k, v in loader.skipped.items()})
-            bar.set_postfix(_progress(values))
-            accelerator.log(values, step=step)
-            csv_log.write(step, values)
-        if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.max_steps:
-            with meter.excluded():
-                metrics = evaluate(task, cfg, accelerator, step, run_dir, ema)
-            accelerator.log(metrics, step=step)
-            csv_log.write(step, metrics)
-        if step % cfg.trainer.ckpt_every == 0 and step < cfg.trainer.max_steps:
-            checkpoint("scheduled")
-    bar.close()
-    data.close()  # shut the loader workers down now (they ignore SIGTERM: see ignore_stop_signals)
-    if trace:
-        checksum = sum(float(whole(p).detach().double().sum()) for p in task.parameters())
-        trace.write(f"checksum {checksum!r}\n")
-        if ema is not None:  # the EMA must be the same on every rank (a known fault elsewhere)
-            trace.write(f"ema_checksum {sum(float(v.double().sum()) for v in ema.state_dict().values())!r}\n")
-        trace.close()
 
-    if stop.received is not None and step < cfg.trainer.max_steps:
-        path = checkpoint(f"{stop.received.name} at step {step}")
-        accelerator.print(f"[ldm] stopped by {stop.received.name}; rerun the same command to resume from {path.name}")
-        if accelerator.is_main_process:
-            after_stop(cfg.trainer.requeue)  # requeue the SLURM job, or not: docs/RELIABILITY.md
-        if accelerator.is_local_main_process:
-            report_outcome(f"stopped {stop.exit_code}")
-            stop.tell_launcher()  # before any rank exits: the launcher ends 128 + signal, not 1
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        sys.exit(stop.exit_code)  # not a completed run: under SLURM the job must not end COMPLETED
-    task.on_train_end(run)
-    checkpoint("final")
-    metrics = evaluate(task, cfg, accelerator, step, run_dir, ema)
+def _stop(cfg, ckpt: Checkpointer, stop: StopRequest, step: int, accelerator) -> None:
+    """A stop signal: checkpoint, say where to resume from, requeue under SLURM, exit non-zero."""
+    path = ckpt.save(step, f"{stop.received.name} at step {step}")
+    say(accelerator, f"[ldm] stopped by {stop.received.name}; {ckpt.resume_hint(path)}")
     if accelerator.is_main_process:
-        accelerator.log(metrics, step=step)
-        csv_log.write(step, metrics)
+        after_stop(cfg.trainer.requeue)  # requeue the SLURM job, or not: docs/RELIABILITY.md
+    if accelerator.is_local_main_process:
+        report_outcome(f"stopped {stop.exit_code}")
+        stop.tell_launcher()  # before any rank exits: the launcher ends 128 + signal, not 1
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    sys.exit(stop.exit_code)  # not a completed run: under SLURM the job must not end COMPLETED
+
+
+def _finish(cfg, built: BuiltTask, run: RunContext, ckpt: Checkpointer, steps: TrainStep, log: RunLog, step: int,
+            accelerator) -> None:
+    """The task's end hook, the final checkpoint, the final held-out metrics."""
+    built.task.on_train_end(run)
+    ckpt.save(step, "final")
+    metrics = evaluate(built.task, cfg, accelerator, step, Path(cfg.run_dir), steps.ema)
+    if accelerator.is_main_process:
+        log.write(step, metrics)
         print("[ldm] final " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        (run_dir / "final_metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
-        print(f"[ldm] images in {run_dir / 'images'}, checkpoints in {run_dir / 'checkpoints'}")
+        (Path(cfg.run_dir) / "final_metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
+        print(f"[ldm] images in {Path(cfg.run_dir) / 'images'}, checkpoints in {Path(cfg.run_dir) / 'checkpoints'}")
     if accelerator.is_local_main_process:
         report_outcome("completed")  # even if a signal came after the last step: the run is complete
     accelerator.end_training()
-    return run_dir
-
-
-def micro_batch_seed(seed: int, index: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "little") >> 1
-
-
-def _progress(values: dict) -> dict[str, str]:
-    shown = {"loss": ("train/loss", ".4f"), "img_s": ("train/img_per_s", ".1f"), "mfu": ("train/mfu", ".1%"),
-             "tflops": ("train/tflops", ".3g"), "wait": ("train/data_wait", ".0%")}
-    return {k: format(values[key], spec) for k, (key, spec) in shown.items() if key in values}
-
-
-def _scalar(v) -> float:
-    return float(whole(v).detach()) if torch.is_tensor(v) else float(v)

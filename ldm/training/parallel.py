@@ -1,5 +1,11 @@
-"""Data parallelism applied to a task from outside the model, in torchtitan's style: the model files
-stay plain `nn.Module`s and the loop calls what this returns.
+"""Everything that changes how a task runs, applied from outside the model in torchtitan's order
+(`parallelize_*`): channels_last -> activation checkpointing -> compile -> data parallelism. The model
+files stay plain `nn.Module`s and the loop calls only `parallelize()`, then the module it returns.
+
+Why this order: the compiled blocks must hold the recomputation (checkpoint first, then compile), and
+parallelism comes last, since FSDP replaces the parameters with shards; the optimizers and the EMA are
+built after it, from those. Checkpointing and compile act on `task.blocks()` in place
+(ldm/training/blocks.py): parameter names and state-dict keys are unchanged.
 
 `trainer.strategy`:
 * `ddp`  — every rank holds the whole model; Accelerate wraps it in DistributedDataParallel.
@@ -16,9 +22,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ldm.training.blocks import apply_activation_checkpointing, compile_blocks
 
-def parallelize(task: nn.Module, strategy: str, accelerator) -> nn.Module:
-    """Return the module the training loop calls: `task` sharded in place (fsdp) or wrapped (ddp)."""
+
+def parallelize(task: nn.Module, trainer, accelerator) -> nn.Module:
+    """Apply `trainer.channels_last`, `.activation_checkpointing`, `.compile` and `.strategy` to `task`, in
+    that order; return the module the training loop calls (`task` sharded in place, or DDP-wrapped)."""
+    if trainer.channels_last:
+        task.to(memory_format=torch.channels_last)
+    recompute = trainer.activation_checkpointing.value
+    blocks = apply_activation_checkpointing(task, recompute)
+    if trainer.compile:
+        blocks = compile_blocks(task)
+    if (recompute != "none" or trainer.compile) and accelerator.is_main_process:
+        print(f"[ldm] activation checkpointing {recompute}, compile {'on' if trainer.compile else 'off'}: "
+              f"{blocks} blocks of {type(task).__name__}", flush=True)
+    return _data_parallel(task, trainer.strategy.value, accelerator)
+
+
+def _data_parallel(task: nn.Module, strategy: str, accelerator) -> nn.Module:
     if strategy == "fsdp" and accelerator.num_processes > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -36,8 +58,8 @@ def parallelize(task: nn.Module, strategy: str, accelerator) -> nn.Module:
         for unit in units:
             fully_shard(unit, mesh=mesh, mp_policy=policy)
         return task
-    if strategy == "fsdp":
-        accelerator.print("[ldm] trainer.strategy=fsdp with one process: nothing to shard, training unsharded")
+    if strategy == "fsdp" and accelerator.is_main_process:
+        print("[ldm] trainer.strategy=fsdp with one process: nothing to shard, training unsharded", flush=True)
     return accelerator.prepare(task)
 
 

@@ -28,7 +28,7 @@ def load_run(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True):
     ckpt = resolve_resume(checkpoint, run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}: train first (train/main.py)")
-    task = build_task(cfg)
+    task = build_task(cfg).task
     weights = load_file(ckpt / "model.safetensors")
     check_task_weights(task, weights, ckpt)
     task.load_state_dict(weights, strict=False)
