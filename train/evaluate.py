@@ -42,13 +42,10 @@ def held_out_metrics(cfg, task, device, batches: int, batch_size: int, inception
         for k, v in task.evaluate(batch).items():
             totals[k] = totals.get(k, 0.0) + float(v) * len(batch["image"])
         count += len(batch["image"])
-        if inception is not None:
-            shown = task.visualize(batch)
-            if "reconstructions" in shown:
-                features["real"].append(inception(batch["image"]))
-                recon = shown["reconstructions"]  # a Panel of input | reconstruction pairs, or a tensor
-                recon = recon.images[1::2] if hasattr(recon, "images") else recon
-                features["reconstructions"].append(inception(recon))
+        reconstructions = task.reconstruct(batch) if inception is not None else None
+        if reconstructions is not None:
+            features["real"].append(inception(batch["image"]))
+            features["reconstructions"].append(inception(reconstructions))
     if count == 0:
         raise RuntimeError(f"no held-out samples read from {cfg.data.val_shards or cfg.data.shards}")
     metrics = {k: v / count for k, v in totals.items()}
@@ -76,7 +73,7 @@ def generation_metrics(cfg, task, *, num_samples: int, seed: int, batch_size: in
                        reference_shards: str | None, inception, clip_model: str | None, sample_opts: dict) -> dict:
     from ldm.inference import autocast, generate
 
-    if hasattr(task.conditioner, "masks"):
+    if task.conditioner.needs_mask:
         raise ValueError("--num-samples: generation metrics for inpainting models (masked references) are not "
                          "implemented; evaluate their held-out loss, or sample with train/sample.py")
     refs = read_references(cfg, num_samples, batch_size, reference_shards)
@@ -158,7 +155,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "latest", batches: int = 0, ba
 
         metrics["rfid"] = fid_from_features(features["real"], features["reconstructions"])
     if num_samples:
-        if not hasattr(task, "sample"):
+        if not task.generates_images:
             raise ValueError(f"--num-samples: {type(task).__name__} does not generate images (a stage-1 run?)")
         metrics.update(generation_metrics(cfg, task, num_samples=num_samples, seed=seed, batch_size=batch_size,
                                           device=device, precision=precision, reference_shards=reference_shards,

@@ -29,6 +29,8 @@ from ldm.data.latent_cache import (CACHE_VERSION, MANIFEST, SHARD_NAME, cache_ke
                                    npy_bytes, pixel_conditioner, source_urls)
 from ldm.data.webdataset import build_loader
 from ldm.errors import CacheError
+from ldm.models.autoencoder import AutoencoderKL
+
 
 class KeepMembers(SampleDecoder):
     """The loader's decoder (same transform, same skips) that also hands on the sample's other members
@@ -94,7 +96,7 @@ def encode_shard(source: str, target: Path, cfg, first_stage, conditioner, with_
     with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0.0) as sink:
         for batch in loader:
             images = batch["image"].to(device)
-            if hasattr(first_stage, "posterior"):  # KL: keep the posterior, resampled at train time
+            if isinstance(first_stage, AutoencoderKL):  # KL: keep the posterior, resampled at train time
                 posterior = first_stage.posterior(images)
                 moments = {"mean.npy": posterior.mean, "logvar.npy": posterior.logvar}
             else:  # VQ: the deterministic pre-quantisation latent
