@@ -84,3 +84,62 @@ def test_no_unexplained_hasattr_in_the_library_and_entry_points():
             for i, line in enumerate((ROOT / f).read_text().splitlines(), 1)
             if re.search(r"\bhasattr\(", line) and "#" not in line.split("hasattr(")[-1]]
     assert not bare, f"hasattr without a reason in a comment: {bare}"
+
+
+# ------------------------------------------------------------------------------------------ batch contract
+def _write_tar(path: Path, samples: list[dict]) -> str:
+    import webdataset as wds
+
+    with open(path, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0.0) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return str(path)
+
+
+@pytest.mark.parametrize("caption_field,label_field", [("txt", None), ("json:prompt", "label"), (None, None)])
+def test_cached_and_image_batches_have_the_same_fields(tmp_path, caption_field, label_field):
+    """The same samples read from image shards and from a latent cache (the source members kept, the
+    image replaced by the posterior moments, as the cache builder writes them) give batches that differ only
+    in the content: same keys, captions, metas and labels, same types."""
+    import json
+
+    import numpy as np
+
+    from ldm.data.decode import SampleDecoder
+    from ldm.data.latent_cache import LatentSampleDecoder, npy_bytes
+    from ldm.data.shards import encode_image
+    from ldm.data.webdataset import build_loader
+
+    rng = np.random.default_rng(0)
+    images, cached = [], []
+    for i in range(5):
+        members = {"__key__": f"s{i:03d}", "txt": f"caption {i}".encode(),
+                   "json": json.dumps({"prompt": f"prompt {i}", "label": i % 3}).encode()}
+        images.append({**members, "png": encode_image(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))})
+        cached.append({**members, "mean.npy": npy_bytes(rng.standard_normal((2, 2, 2))),
+                       "logvar.npy": npy_bytes(rng.standard_normal((2, 2, 2)))})
+    fields = dict(caption_field=caption_field, label_field=label_field)
+
+    def batches(url, decoder):
+        loader = build_loader(url, batch_size=5, image_size=8, num_workers=1, epochs=1, decoder=decoder, **fields)
+        return list(loader)
+
+    image_batch, = batches(_write_tar(tmp_path / "images.tar", images), SampleDecoder(8, **fields))
+    cache_batch, = batches(_write_tar(tmp_path / "latents.tar", cached), LatentSampleDecoder(8, **fields))
+    content = {"image", "latent_mean", "latent_logvar"}
+    assert set(image_batch) - content == set(cache_batch) - content
+    assert set(image_batch) & content == {"image"} and set(cache_batch) & content == {"latent_mean", "latent_logvar"}
+    for name in set(image_batch) - content - {"__skipped__", "__samples__"}:
+        a, b = image_batch[name], cache_batch[name]
+        assert type(a) is type(b), name
+        if torch.is_tensor(a):
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+        else:
+            assert a == b, name
+    assert image_batch["key"] == [f"s{i:03d}" for i in range(5)]
+    expected = {"txt": [f"caption {i}" for i in range(5)], "json:prompt": [f"prompt {i}" for i in range(5)],
+                None: [""] * 5}[caption_field]
+    assert image_batch["caption"] == expected
+    assert ("label" in image_batch) == (label_field is not None)
+    if label_field:
+        assert image_batch["label"].tolist() == [0, 1, 2, 0, 1] and image_batch["label"].dtype == torch.long

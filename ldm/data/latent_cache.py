@@ -33,7 +33,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ldm.data.decode import SampleDecoder, SkipSample, _parse_json
+from ldm.data.decode import SampleDecoder, SkipSample
 from ldm.errors import CacheError
 from ldm.modules.conditioning import Conditioner
 
@@ -196,17 +196,14 @@ def _npy_tensor(data: bytes, member: str) -> torch.Tensor:
 @dataclasses.dataclass(frozen=True)
 class LatentSampleDecoder(SampleDecoder):
     """A cache sample -> {key, meta, caption[, label], latent_mean[, latent_logvar][, context]}: the batch
-    contract with the cached tensors in place of `image` (captions and labels read as from the images)."""
+    contract with the cached tensors in place of `image`. The other fields are assembled by
+    `SampleDecoder.__call__`, the same code as for the image shards."""
 
-    def __call__(self, raw: dict) -> dict:
+    def content_member(self, raw: dict) -> str:
         if "mean.npy" not in raw:
             have = sorted(k for k in raw if not k.startswith("__"))
             raise SkipSample("missing_image", f"no mean.npy entry: not a latent-cache sample (has {have})")
-        meta = _parse_json(raw)
-        sample = {"key": raw["__key__"], "meta": meta, "caption": self._caption(raw, meta)}
-        if self.label_field is not None:
-            sample["label"] = self._label(meta)
-        for member, name in MEMBERS.items():
-            if member in raw:
-                sample[name] = _npy_tensor(raw[member], member)
-        return sample
+        return "mean.npy"
+
+    def content(self, raw: dict, member: str) -> dict:
+        return {name: _npy_tensor(raw[m], m) for m, name in MEMBERS.items() if m in raw}
