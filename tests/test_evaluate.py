@@ -34,6 +34,41 @@ def test_autoencoder_rfid_next_to_psnr_ssim_lpips(runs, feature_net):
     assert json.loads((runs[0] / "eval.json").read_text())["rfid"] == metrics["rfid"]
 
 
+def test_held_out_means_average_per_image_not_per_batch():
+    from ldm.training.evaluation import held_out_means
+
+    class Task:
+        def evaluate(self, batch):
+            return {"x": batch["x"].mean()}
+
+    values = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    batches = [{"key": ["a", "b", "c"], "x": values[:3]}, {"key": ["d"], "x": values[3:]}]
+    seen = []
+    means, images = held_out_means(Task(), batches, each=lambda i, b: seen.append(i))
+    assert images == 4 and means["x"] == pytest.approx(4.0) and seen == [0, 1]  # per batch it would be 6.0
+
+
+def test_evaluate_py_is_batch_size_independent_and_rfid_uses_the_reconstructions(runs):
+    """32 held-out images in batches of 5 (the last one of 2) or of 32: the same per-image means. The rFID
+    features are those of `task.reconstruct`, the images the training grid shows beside the inputs."""
+    from ldm.training.build import build_eval_loader
+    from ldm.training.runs import load_run
+    from train.evaluate import held_out_metrics
+
+    cfg, task, _ = load_run(runs[0])
+    small, _ = held_out_metrics(cfg, task, torch.device("cpu"), 0, 5)
+    whole, _ = held_out_metrics(cfg, task, torch.device("cpu"), 0, 32)
+    assert small["images"] == whole["images"] == 32
+    for k in ("psnr", "ssim", "lpips"):
+        assert small[k] == pytest.approx(whole[k], rel=1e-5), k
+    flat = torch.nn.Flatten()
+    _, features = held_out_metrics(cfg, task, torch.device("cpu"), 1, 4, inception=flat)
+    batch = next(iter(build_eval_loader(cfg, 4)))
+    shown = task.visualize(batch)["reconstructions"].images[1::2]
+    assert torch.allclose(features["reconstructions"], flat(shown), atol=1e-6)
+    assert torch.equal(features["real"], flat(batch["image"]))
+
+
 def test_generation_metrics_cli(runs, feature_net, monkeypatch, capsys):
     from train.evaluate import main
 

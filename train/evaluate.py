@@ -21,34 +21,36 @@ from __future__ import annotations
 
 import argparse
 import json
+from itertools import islice
 from pathlib import Path
 
 import torch
 
 from ldm.training.build import build_eval_loader
+from ldm.training.evaluation import held_out_means
 from ldm.training.runs import load_run
 
 SHAPES_ATTRIBUTES = ("colour", "shape", "position", "background")
 
 
 def held_out_metrics(cfg, task, device, batches: int, batch_size: int, inception=None) -> tuple[dict, dict]:
-    """Per-image averages of `task.evaluate` over the held-out set, plus (stage 1, with `inception`) the
-    Inception features of the inputs and of their reconstructions for rFID."""
-    totals, count, features = {}, 0, {"real": [], "reconstructions": []}
-    for i, batch in enumerate(build_eval_loader(cfg, batch_size)):
-        if batches and i >= batches:
-            break
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        for k, v in task.evaluate(batch).items():
-            totals[k] = totals.get(k, 0.0) + float(v) * len(batch["image"])
-        count += len(batch["image"])
+    """Per-image means of `task.evaluate` over the held-out set (the loop's averaging,
+    ldm/training/evaluation.py), plus (stage 1, with `inception`) the Inception features of the inputs and of
+    the task's reconstructions of them, for rFID."""
+    features = {"real": [], "reconstructions": []}
+
+    def reconstruction_features(i: int, batch: dict) -> None:
         reconstructions = task.reconstruct(batch) if inception is not None else None
         if reconstructions is not None:
             features["real"].append(inception(batch["image"]))
             features["reconstructions"].append(inception(reconstructions))
+
+    loader = build_eval_loader(cfg, batch_size)
+    on_device = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+                 for b in (islice(loader, batches) if batches else loader))
+    metrics, count = held_out_means(task, on_device, each=reconstruction_features)
     if count == 0:
         raise RuntimeError(f"no held-out samples read from {cfg.data.val_shards or cfg.data.shards}")
-    metrics = {k: v / count for k, v in totals.items()}
     metrics["images"] = count
     return metrics, {k: torch.cat(v) for k, v in features.items() if v}
 
