@@ -46,11 +46,11 @@ def load_frozen_parts(cfg) -> tuple[nn.Module, nn.Module]:
     """The first stage and the conditioner of `cfg.model.task`, without building the UNet."""
     from hydra.utils import instantiate
 
-    from ldm.convert import load_first_stage
+    from ldm.convert import load_autoencoder
 
     if cfg.model.get("first_stage") is None:
         raise CacheError(f"model={cfg.model.name} has no first stage: the latent cache is for stage-2 models")
-    first_stage = load_first_stage(cfg.model.first_stage.ckpt).eval().requires_grad_(False)
+    first_stage = load_autoencoder(cfg.model.first_stage.ckpt).requires_grad_(False)
     conditioner = instantiate(cfg.model.task.conditioner)
     if not isinstance(conditioner, nn.Module):  # a partial that takes the first stage (inpainting)
         conditioner = conditioner(first_stage=first_stage)
