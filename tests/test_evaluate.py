@@ -74,7 +74,7 @@ def test_generation_metrics_cli(runs, feature_net, monkeypatch, capsys):
 
     monkeypatch.setattr(sys, "argv", ["evaluate.py", str(runs[1]), "--batches", "1", "--batch-size", "4",
                                       "--num-samples", "6", "--seed", "3", "--steps", "2", "--device", "cpu",
-                                      "--fid-weights", feature_net, "--no-wandb"])
+                                      "--fid-weights", feature_net, "--no-tracker"])
     main()
     metrics = json.loads((runs[1] / "eval.json").read_text())
     assert metrics["generated_images"] == 6 and metrics["seed"] == 3 and metrics["steps"] == 2
@@ -106,6 +106,46 @@ def test_results_go_to_the_runs_wandb_run(runs, monkeypatch):
     log_to_wandb(cfg, runs[1], {"fid": 12.5, "checkpoint": "x"})
     run_id = (runs[1] / "wandb_id.txt").read_text().strip()
     assert list((runs[1] / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def test_eval_json_keeps_earlier_metrics_of_the_same_checkpoint(runs, feature_net, tmp_path):
+    from train.evaluate import evaluate_run, update_eval_json
+
+    eval_json = runs[0] / "eval.json"
+    eval_json.unlink(missing_ok=True)
+    missing = evaluate_run(runs[0], batches=1, batch_size=4, fid=True, fid_weights=str(tmp_path / "no.pt"))
+    assert "fid_unavailable" in json.loads(eval_json.read_text()) and "rfid" not in missing
+    with_fid = evaluate_run(runs[0], batches=1, batch_size=4, fid=True, fid_weights=feature_net)
+    saved = json.loads(eval_json.read_text())
+    assert saved["rfid"] == with_fid["rfid"] and "fid_unavailable" not in saved  # the note is dropped
+    without = evaluate_run(runs[0], batches=2, batch_size=4, fid=False)  # a later --no-fid call
+    saved = json.loads(eval_json.read_text())
+    assert saved["rfid"] == with_fid["rfid"] and saved["images"] == without["images"] == 8  # kept / updated
+    # metrics of another checkpoint describe other weights: the file starts afresh
+    other = update_eval_json(eval_json, {"psnr": 1.0, "checkpoint": "elsewhere/step_00000001"})
+    assert other == {"psnr": 1.0, "checkpoint": "elsewhere/step_00000001"}
+    eval_json.unlink()
+
+
+def test_a_tensorboard_runs_evaluation_goes_to_its_tensorboard_not_wandb(runs, tmp_path, monkeypatch):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train.evaluate as evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    config = (run / "config.yaml").read_text()
+    assert "kind: none" in config
+    (run / "config.yaml").write_text(config.replace("kind: none", "kind: tensorboard", 1))
+    monkeypatch.setattr(evaluate, "log_to_wandb", lambda *a: pytest.fail("a tensorboard run's evaluation went to W&B"))
+    metrics = evaluate.evaluate_run(run, batches=1, batch_size=4, track=True)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    psnr = events.Scalars("eval/psnr")
+    assert [e.step for e in psnr] == [2] and psnr[0].value == pytest.approx(metrics["psnr"], rel=1e-6)
+    assert not (run / "wandb").exists()
 
 
 def _tiny_clip(path):
