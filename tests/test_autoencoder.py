@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from ldm.models.autoencoder import (CONFIG_METADATA_KEY, AutoencoderKL, VQModel, load_autoencoder,
-                                   save_autoencoder)
+from ldm.convert import load_autoencoder
+from ldm.models.autoencoder import CONFIG_METADATA_KEY, AutoencoderKL, VQModel, save_autoencoder
 from ldm.modules.quantize import VectorQuantizer
 
 TINY = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], resolution=16)
@@ -95,6 +95,22 @@ def test_save_load_round_trip(tmp_path, config):
     assert torch.equal(loaded.decode(z), model.decode(z))
 
 
+def path_of_ours(tmp_path):
+    model = AutoencoderKL(**{k: v for k, v in KL_CONFIG.items() if k != "_target_"})
+    save_autoencoder(model, tmp_path / "ours.safetensors", KL_CONFIG)
+    return tmp_path / "ours.safetensors"
+
+
+def test_one_load_autoencoder_for_every_source(tmp_path):
+    """Ours, read through the one public loader: eval mode, stored scale, and the override applies."""
+    ours = path_of_ours(tmp_path)
+    loaded = load_autoencoder(ours)
+    assert not loaded.training and loaded.sample_posterior is True
+    assert load_autoencoder(ours, scale_factor=0.5).scale_factor.item() == 0.5
+    import ldm.models.autoencoder as module
+    assert not hasattr(module, "load_autoencoder")  # the file reader is read_autoencoder_file, not a second loader
+
+
 def test_load_errors_are_clear(tmp_path):
     from safetensors.torch import save_file
 
@@ -102,12 +118,14 @@ def test_load_errors_are_clear(tmp_path):
         load_autoencoder(tmp_path / "missing.safetensors")
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
-    with pytest.raises(ValueError, match="without an autoencoder config"):
-        load_autoencoder(foreign)
+    with pytest.raises(ValueError, match="holds no autoencoder: no 'first_stage_model.encoder.conv_in.weight'"):
+        load_autoencoder(foreign)  # neither ours (no config in the metadata) nor an SD / CompVis VAE
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
-    with pytest.raises(ValueError, match="not a safetensors file"):
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_autoencoder(garbage)
+    with pytest.raises(ValueError, match="carries its own config"):
+        load_autoencoder(path_of_ours(tmp_path), config={"ch": 8})
     model = AutoencoderKL(**{k: v for k, v in KL_CONFIG.items() if k != "_target_"})
     wrong = tmp_path / "wrong.safetensors"
     save_autoencoder(model, wrong, {**KL_CONFIG, "embed_dim": 5})  # config disagrees with the weights

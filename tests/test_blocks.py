@@ -203,10 +203,11 @@ def test_bad_calls_fail_with_clear_errors():
 def test_trainer_keys_and_preset_defaults():
     assert compose_train().trainer.activation_checkpointing.value == "none"
     assert compose_train().trainer.compile is False
-    for name in ("sd_v1", "sd_v2", "ldm_txt2img"):  # SD-size UNets: the memory needs it
-        cfg = compose_train(f"model={name}")
+    for name in ("sd_v1", "sd_v2", "ldm_txt2img"):  # SD-size UNets: the memory needs it, set by the experiment
+        cfg = compose_train(f"experiment={name}")
         assert cfg.trainer.activation_checkpointing.value == "full" and cfg.model.name == name
-        assert compose_train(f"model={name}", "trainer.activation_checkpointing=none").trainer \
+        assert compose_train(f"model={name}").trainer.activation_checkpointing.value == "none"  # model keys only
+        assert compose_train(f"experiment={name}", "trainer.activation_checkpointing=none").trainer \
             .activation_checkpointing.value == "none"
     assert compose_train("model=ldm_txt2img_tiny").trainer.activation_checkpointing.value == "none"
     with pytest.raises(Exception, match="activation_checkpointing"):

@@ -23,7 +23,7 @@ from ldm.training.cache_latents import build_cache
 from train.cache_latents import compose_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["data.image_size=32", "data.num_workers=1", "data.shuffle_buffer=16", "trainer=debug", "logger=none"]
+SMALL = ["data.image_size=32", "data.shuffle_buffer=16", "debug=default"]
 TINY_SD_V1 = ["model.task.unet.model_channels=32", "model.task.unet.channel_mult=[1,2]",
               "model.task.unet.num_res_blocks=1", "model.task.unet.attention_resolutions=[1]",
               "trainer.activation_checkpointing=none", "model.task.conditioner.max_length=16"]
@@ -88,7 +88,7 @@ def cache(sources, tiny_autoencoder, tmp_path_factory):
 
 
 def test_cache_holds_the_posterior_captions_and_counts(cache, tiny_autoencoder):
-    from ldm.models.autoencoder import load_autoencoder
+    from ldm.convert import load_autoencoder
 
     manifest = read_manifest(cache["dir"])
     assert manifest == cache["manifest"]
@@ -170,7 +170,8 @@ def test_training_from_the_cache_runs_and_resumes(cache, tmp_path):
 def test_stale_cache_is_refused_naming_the_change(cache, sources, tiny_autoencoder, tmp_path):
     from safetensors import safe_open
 
-    from ldm.models.autoencoder import CONFIG_METADATA_KEY, load_autoencoder, save_autoencoder
+    from ldm.convert import load_autoencoder
+    from ldm.models.autoencoder import CONFIG_METADATA_KEY, save_autoencoder
     from ldm.training.loop import train
 
     cfg, where = cache["cfg"], cache["dir"]
@@ -340,7 +341,8 @@ def test_two_ranks_write_the_cache_one_process_writes(shapes_shards, tiny_autoen
 
 
 def test_a_vq_first_stage_caches_its_deterministic_latent(shapes_shards, tmp_path):
-    from ldm.models.autoencoder import VQModel, load_autoencoder, save_autoencoder
+    from ldm.convert import load_autoencoder
+    from ldm.models.autoencoder import VQModel, save_autoencoder
 
     config = {"_target_": "ldm.models.autoencoder.VQModel", "n_embed": 16, "embed_dim": 4, "ch": 16, "ch_mult": [1, 2],
               "num_res_blocks": 1, "z_channels": 4, "norm_groups": 8, "resolution": 32}

@@ -51,7 +51,7 @@ def test_every_model_preset_instantiates(name, tiny_first_stage):
     assert all(len(ps) > 0 for ps in groups.values())
 
 
-@pytest.mark.parametrize("group", ["model", "data", "trainer", "logger", "experiment"])
+@pytest.mark.parametrize("group", ["model", "data", "trainer", "logger", "experiment", "debug"])
 def test_every_yaml_composes(group):
     options = group_options(group)
     assert options, f"conf/{group} is empty"
@@ -106,3 +106,25 @@ def test_wrong_model_argument_type_names_full_key():
 def test_run_dir_is_deterministic():
     a, b = compose_train(), compose_train()
     assert a.run_dir == b.run_dir
+
+
+@pytest.mark.parametrize("name", group_options("model"))
+def test_model_presets_set_model_keys_only(name):
+    """Only experiment/ and debug/ set keys across groups: a model preset changes nothing outside `model`
+    (and the run directory named after it)."""
+    base, preset = compose_train(), compose_train([f"model={name}"])
+    for key in base:
+        if key not in ("model", "run_dir"):
+            assert preset[key] == base[key], f"model={name} changes {key}"
+    first_lines = (CONF / "model" / f"{name}.yaml").read_text().splitlines()
+    assert "# @package _global_" not in first_lines
+
+
+def test_debug_group_is_the_debug_triple():
+    from omegaconf import OmegaConf
+
+    for extra in ([], ["experiment=demo_ldm"], ["model=ldm_txt2img_tiny"]):
+        short = compose_train(["debug=default", *extra])
+        long = compose_train(["trainer=debug", "logger=none", "data.num_workers=1", *extra])
+        assert OmegaConf.to_container(short) == OmegaConf.to_container(long), extra
+    assert short.trainer.max_steps == 4 and short.logger.kind.value == "none" and short.data.num_workers == 1

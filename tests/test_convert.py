@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.convert import (CheckpointMismatchError, load_autoencoder, load_first_stage, load_unet, read_unet_weights,
+from ldm.convert import (CheckpointMismatchError, load_autoencoder, load_unet, read_unet_weights,
                          read_vae_weights)
 from ldm.convert import arch as archs
 from ldm.convert import keymap
@@ -189,7 +189,7 @@ def test_vae_parity_and_scale_factor(vae_sources, source, scale):
         assert rel_error(ours.posterior(x).logvar, posterior.logvar) <= 1e-5
         assert rel_error(ours.decode(posterior.mean), reference.decode(posterior.mean).sample) <= 1e-5
     assert ours.scale_factor.item() == pytest.approx(scale)
-    assert load_first_stage(vae_sources["root"] / source).scale_factor.item() == pytest.approx(scale)
+    assert load_autoencoder(vae_sources["root"] / source).scale_factor.item() == pytest.approx(scale)
 
 
 def test_compvis_scale_factor_buffer_is_used(vae_sources, tmp_path):
@@ -330,7 +330,7 @@ def test_compvis_vq_first_stage_loads_unscaled(tmp_path):
     save_file({"first_stage_model." + k: v for k, v in state.items()}, str(tmp_path / "ldm-vq.safetensors"))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for name in ("vq-f4.ckpt", "ldm-vq.safetensors"):
-        loaded = load_first_stage(tmp_path / name)
+        loaded = load_autoencoder(tmp_path / name)
         assert isinstance(loaded, VQModel) and loaded.scale_factor.item() == 1.0
         with torch.no_grad():
             assert torch.equal(loaded.decode(loaded.encode_latent(x)), vq.decode(vq.encode_latent(x)))

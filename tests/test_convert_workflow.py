@@ -115,7 +115,7 @@ def test_finetune_export_and_sample_in_diffusers(tiny_sd, shapes_shards, tmp_pat
     # 1. The README's fine-tune command, with the tiny folder, the shapes shards and the preset shrunk.
     commands = [line for line in readme_block("Pretrained weights: fine-tune and export", "bash").splitlines()
                 if line and not line.startswith("#")]
-    assert commands[0].startswith("SD=") and commands[1].startswith("python train/main.py model=sd_v1")
+    assert commands[0].startswith("SD=") and commands[1].startswith("python train/main.py experiment=sd_v1")
     line = commands[1].replace("$SD", str(tiny_sd["folder"])).replace(SHARD_EXAMPLE, shapes_shards["train"])
     overrides = shell_words(line)[2:] + TINY_SD_V1 + [f"paths.runs={tmp_path / 'runs'}",
                                                       f"data.val_shards='{shapes_shards['val']}'"]

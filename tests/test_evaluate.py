@@ -34,12 +34,47 @@ def test_autoencoder_rfid_next_to_psnr_ssim_lpips(runs, feature_net):
     assert json.loads((runs[0] / "eval.json").read_text())["rfid"] == metrics["rfid"]
 
 
+def test_held_out_means_average_per_image_not_per_batch():
+    from ldm.training.evaluation import held_out_means
+
+    class Task:
+        def evaluate(self, batch):
+            return {"x": batch["x"].mean()}
+
+    values = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    batches = [{"key": ["a", "b", "c"], "x": values[:3]}, {"key": ["d"], "x": values[3:]}]
+    seen = []
+    means, images = held_out_means(Task(), batches, each=lambda i, b: seen.append(i))
+    assert images == 4 and means["x"] == pytest.approx(4.0) and seen == [0, 1]  # per batch it would be 6.0
+
+
+def test_evaluate_py_is_batch_size_independent_and_rfid_uses_the_reconstructions(runs):
+    """32 held-out images in batches of 5 (the last one of 2) or of 32: the same per-image means. The rFID
+    features are those of `task.reconstruct`, the images the training grid shows beside the inputs."""
+    from ldm.training.build import build_eval_loader
+    from ldm.training.runs import load_run
+    from train.evaluate import held_out_metrics
+
+    cfg, task, _ = load_run(runs[0])
+    small, _ = held_out_metrics(cfg, task, torch.device("cpu"), 0, 5)
+    whole, _ = held_out_metrics(cfg, task, torch.device("cpu"), 0, 32)
+    assert small["images"] == whole["images"] == 32
+    for k in ("psnr", "ssim", "lpips"):
+        assert small[k] == pytest.approx(whole[k], rel=1e-5), k
+    flat = torch.nn.Flatten()
+    _, features = held_out_metrics(cfg, task, torch.device("cpu"), 1, 4, inception=flat)
+    batch = next(iter(build_eval_loader(cfg, 4)))
+    shown = task.visualize(batch)["reconstructions"].images[1::2]
+    assert torch.allclose(features["reconstructions"], flat(shown), atol=1e-6)
+    assert torch.equal(features["real"], flat(batch["image"]))
+
+
 def test_generation_metrics_cli(runs, feature_net, monkeypatch, capsys):
     from train.evaluate import main
 
     monkeypatch.setattr(sys, "argv", ["evaluate.py", str(runs[1]), "--batches", "1", "--batch-size", "4",
                                       "--num-samples", "6", "--seed", "3", "--steps", "2", "--device", "cpu",
-                                      "--fid-weights", feature_net, "--no-wandb"])
+                                      "--fid-weights", feature_net, "--no-tracker"])
     main()
     metrics = json.loads((runs[1] / "eval.json").read_text())
     assert metrics["generated_images"] == 6 and metrics["seed"] == 3 and metrics["steps"] == 2
@@ -71,6 +106,46 @@ def test_results_go_to_the_runs_wandb_run(runs, monkeypatch):
     log_to_wandb(cfg, runs[1], {"fid": 12.5, "checkpoint": "x"})
     run_id = (runs[1] / "wandb_id.txt").read_text().strip()
     assert list((runs[1] / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def test_eval_json_keeps_earlier_metrics_of_the_same_checkpoint(runs, feature_net, tmp_path):
+    from train.evaluate import evaluate_run, update_eval_json
+
+    eval_json = runs[0] / "eval.json"
+    eval_json.unlink(missing_ok=True)
+    missing = evaluate_run(runs[0], batches=1, batch_size=4, fid=True, fid_weights=str(tmp_path / "no.pt"))
+    assert "fid_unavailable" in json.loads(eval_json.read_text()) and "rfid" not in missing
+    with_fid = evaluate_run(runs[0], batches=1, batch_size=4, fid=True, fid_weights=feature_net)
+    saved = json.loads(eval_json.read_text())
+    assert saved["rfid"] == with_fid["rfid"] and "fid_unavailable" not in saved  # the note is dropped
+    without = evaluate_run(runs[0], batches=2, batch_size=4, fid=False)  # a later --no-fid call
+    saved = json.loads(eval_json.read_text())
+    assert saved["rfid"] == with_fid["rfid"] and saved["images"] == without["images"] == 8  # kept / updated
+    # metrics of another checkpoint describe other weights: the file starts afresh
+    other = update_eval_json(eval_json, {"psnr": 1.0, "checkpoint": "elsewhere/step_00000001"})
+    assert other == {"psnr": 1.0, "checkpoint": "elsewhere/step_00000001"}
+    eval_json.unlink()
+
+
+def test_a_tensorboard_runs_evaluation_goes_to_its_tensorboard_not_wandb(runs, tmp_path, monkeypatch):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train.evaluate as evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    config = (run / "config.yaml").read_text()
+    assert "kind: none" in config
+    (run / "config.yaml").write_text(config.replace("kind: none", "kind: tensorboard", 1))
+    monkeypatch.setattr(evaluate, "log_to_wandb", lambda *a: pytest.fail("a tensorboard run's evaluation went to W&B"))
+    metrics = evaluate.evaluate_run(run, batches=1, batch_size=4, track=True)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    psnr = events.Scalars("eval/psnr")
+    assert [e.step for e in psnr] == [2] and psnr[0].value == pytest.approx(metrics["psnr"], rel=1e-6)
+    assert not (run / "wandb").exists()
 
 
 def _tiny_clip(path):

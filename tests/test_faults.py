@@ -339,7 +339,8 @@ def test_planted_pickle_payload_never_runs(shapes_shards, ae_run, tmp_path):
                                                                        "mode": "w"}},
 ])
 def test_hostile_target_in_autoencoder_file_is_refused_before_anything_is_built(tmp_path, config):
-    from ldm.models.autoencoder import CONFIG_METADATA_KEY, load_autoencoder
+    from ldm.convert import load_autoencoder
+    from ldm.models.autoencoder import CONFIG_METADATA_KEY
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")

@@ -25,7 +25,7 @@ def compose_cfg(overrides):
 
 def data_overrides(shards):
     return ["data=shapes", f"data.shards='{shards['train']}'", f"data.val_shards='{shards['val']}'",
-            "data.image_size=32", "data.num_workers=1", "data.shuffle_buffer=16", "trainer=debug", "logger=none"]
+            "data.image_size=32", "data.shuffle_buffer=16", "debug=default"]
 
 
 def run(cfg):

@@ -55,12 +55,31 @@ def test_kid_matches_a_direct_loop_and_separates_sets():
     direct = (sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
               + sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
               - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2)
-    mean, std = kid_from_features(x, y, subsets=3, subset_size=12)  # full sets: every subset is the same
-    assert mean == pytest.approx(direct, rel=1e-12) and std == pytest.approx(0, abs=1e-12)
-    same, _ = kid_from_features(rng.normal(size=(200, 6)), rng.normal(size=(200, 6)), subsets=10, subset_size=100)
+    mean, std, size = kid_from_features(x, y, subsets=3, subset_size=12)  # subsets of 12 = the whole sets
+    assert mean == pytest.approx(direct, rel=1e-12) and std == pytest.approx(0, abs=1e-12) and size == 12
+    same, _, _ = kid_from_features(rng.normal(size=(200, 6)), rng.normal(size=(200, 6)), subsets=10, subset_size=100)
     assert abs(same) < 0.2 * mean
     with pytest.raises(ValueError, match="at least 2"):
         kid_from_features(x[:1], y)
+
+
+def test_kid_std_is_meaningful_below_the_subset_size():
+    """Fewer images than subset_size: the mean is the whole sets' MMD², and the std is the spread over
+    subsets of half the images (not 0, which every whole-set "subset" gave), close to the std a direct
+    resampling gives; below 4 images it is undefined, with the reason."""
+    from ldm.metrics.fid import KID_STD_UNDEFINED, _mmd2
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(40, 6)), rng.normal(size=(40, 6)) + 0.5
+    kid = kid_from_features(x, y, subsets=200, seed=1)  # subset_size 1000 > 40
+    assert kid.mean == pytest.approx(_mmd2(x, y), rel=1e-12) and kid.subset_size == 20
+    draw = np.random.default_rng(7)
+    direct = np.std([_mmd2(x[draw.choice(40, 20, replace=False)], y[draw.choice(40, 20, replace=False)])
+                     for _ in range(200)])
+    assert kid.std > 0.01 * abs(kid.mean) and kid.std == pytest.approx(direct, rel=0.25)
+    tiny = kid_from_features(x[:3], y[:3])
+    assert tiny.std is None and tiny.subset_size is None and "fewer than 4 images" in KID_STD_UNDEFINED
+    assert tiny.mean == pytest.approx(_mmd2(x[:3], y[:3]))
 
 
 def test_feature_stats_rejects_a_single_image():
@@ -123,8 +142,8 @@ def test_fid_of_a_set_against_itself_is_zero_and_against_noise_large():
     assert abs(fid_from_features(real, real)) < 1e-3
     assert fid_from_features(real, noise) > 100
     # KID (cheap at this size): two halves of the shapes are far closer than shapes and noise
-    halves, _ = kid_from_features(real[:12], real[12:], subsets=5)
-    to_noise, _ = kid_from_features(real[:12], noise[:12], subsets=5)
+    halves, _, _ = kid_from_features(real[:12], real[12:], subsets=5)
+    to_noise, _, _ = kid_from_features(real[:12], noise[:12], subsets=5)
     assert to_noise > 0.1 and to_noise > 10 * abs(halves)
 
 

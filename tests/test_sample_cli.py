@@ -52,3 +52,14 @@ def test_sample_command(device, precision, run_dir, tmp_path, monkeypatch, capsy
     runpy.run_path(str(ROOT / "train/sample.py"), run_name="__main__")
     assert f"on {device} ({precision})" in capsys.readouterr().out
     assert len(list(out.glob("0*.png"))) == 2 and (out / "grid.png").is_file()
+
+
+def test_a_stage1_run_is_refused_in_one_line(tiny_runs, tmp_path):
+    """The task says it does not generate images (`generates_images`): one `[ldm]` line, no traceback."""
+    from tests.launch import run
+
+    done = run([sys.executable, "train/sample.py", f"run_dir={tiny_runs['ae']}", "prompts=[a]",
+                f"out_dir={tmp_path / 'out'}", "device=cpu"], check=False, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert "[ldm]" in done.stderr and "does not generate images" in done.stderr
+    assert not (tmp_path / "out" / "grid.png").exists()

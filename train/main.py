@@ -1,7 +1,7 @@
 """Train a stage of a latent diffusion model.
 
     python train/main.py model=autoencoder_kl_demo data=photos
-    accelerate launch train/main.py model=ldm_txt2img model.first_stage.ckpt=runs/…/autoencoder.safetensors
+    accelerate launch train/main.py experiment=ldm_txt2img model.first_stage.ckpt=runs/…/autoencoder.safetensors
     python train/main.py --multirun trainer.max_steps=100 model.optim.autoencoder.lr=1e-4,3e-4
 
 Rerunning the same command resumes from the newest checkpoint in the run directory.

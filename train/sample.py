@@ -134,9 +134,12 @@ def main(cfg) -> None:
         train_cfg, task, ckpt = load_run(Path(cfg.run_dir), cfg.checkpoint, cfg.use_ema)
     except (FileNotFoundError, RunError) as e:
         raise SystemExit(f"[ldm] {e}") from None
+    if not task.generates_images:
+        raise SystemExit(f"[ldm] {cfg.run_dir} is a {train_cfg.model.name} run, which does not generate images: "
+                         f"sample from a stage-2 (latent diffusion) run")
+    if task.conditioner.needs_mask and cfg.image is None:
+        raise SystemExit(f"[ldm] {cfg.run_dir} is an inpainting model: give image=… and mask=… (white = fill in)")
     task.to(device)
-    if hasattr(task.conditioner, "masks") and cfg.image is None:
-        raise ValueError(f"{cfg.run_dir} is an inpainting model: give image=… and mask=… (white = fill in)")
     items = conditions(cfg)
     size = train_cfg.data.image_size
     f = task.first_stage.downsample_factor

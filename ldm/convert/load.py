@@ -41,9 +41,13 @@ def read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:  # truncated or not safetensors at all
+            raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
     if path.suffix not in TORCH_SUFFIXES:
         raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors or one of "
                          f"{TORCH_SUFFIXES} (or a diffusers folder)")
@@ -188,15 +192,43 @@ def read_vae_weights(path: str | os.PathLike) -> tuple[dict, dict | None, float]
 def load_autoencoder(path: str | os.PathLike, strict: bool = True,
                      config: Mapping[str, Any] | str | os.PathLike | None = None,
                      scale_factor: float | None = None) -> nn.Module:
-    """An `AutoencoderKL` with the weights of a CompVis/Stability file or a diffusers folder, its
-    `scale_factor` from the source (diffusers `scaling_factor`; 0.18215 for SD files) unless given.
-    `config`: constructor overrides, or the CompVis YAML (its `ddconfig`, `embed_dim` and `scale_factor`).
-    A CompVis VQ file (`quantize.embedding.weight`, the paper's VQ-f4/f8 models) gives a `VQModel`."""
+    """THE way to load a first-stage autoencoder (`model.first_stage.ckpt`, sampling, conversion): an
+    `AutoencoderKL` or `VQModel` in eval mode on the CPU, its `scale_factor` and `sample_posterior` set, from
+
+    * our `autoencoder.safetensors` (stage 1's output; its config and flags are in the metadata, loaded
+      strictly; `config` does not apply);
+    * a CompVis/Stability single file (SD's VAE inside `first_stage_model.*`, or stand-alone; a CompVis VQ
+      file, with `quantize.embedding.weight`, gives a `VQModel`), or a diffusers folder: `scale_factor` from
+      the source (diffusers `scaling_factor`; 0.18215 for SD files). `config` gives constructor overrides,
+      or is the CompVis YAML (its `ddconfig`, `embed_dim` and `scale_factor`).
+
+    `scale_factor` overrides the stored one."""
+    from ldm.models.autoencoder import HOW_TO_GET_ONE, is_autoencoder_file, read_autoencoder_file
+
+    path = os.fspath(path)
+    if is_autoencoder_file(path):
+        if config is not None:
+            raise ValueError(f"load_autoencoder: {path} carries its own config; config=... applies to SD / "
+                             "CompVis / diffusers sources only")
+        model = read_autoencoder_file(path)
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"no first-stage autoencoder at {path}: give our autoencoder.safetensors "
+                                f"({HOW_TO_GET_ONE}), an SD checkpoint (.safetensors/.ckpt) or a diffusers folder")
+    else:
+        model = _load_pretrained_autoencoder(path, strict, config)
+    if scale_factor is not None:
+        model.scale_factor.fill_(scale_factor)
+    return model.eval()
+
+
+def _load_pretrained_autoencoder(path: str, strict: bool, config) -> nn.Module:
+    """A CompVis/Stability file or a diffusers folder (see `load_autoencoder`)."""
     from ldm.models.autoencoder import AutoencoderKL, VQModel
 
+    scale_factor = None
     if isinstance(config, (str, os.PathLike)):  # a CompVis YAML: ddconfig + embed_dim, and the LDM's scale_factor
         yaml = archs.compvis_yaml(os.fspath(config))
-        config, scale_factor = yaml.get("autoencoder", {}), yaml.get("scale_factor", scale_factor)
+        config, scale_factor = yaml.get("autoencoder", {}), yaml.get("scale_factor")
     state, arch, source_scale = read_vae_weights(path)
     arch = arch or archs.infer_vae_arch(state, **{k: v for k, v in (config or {}).items()
                                                   if k in ("resolution", "norm_groups")})
@@ -205,26 +237,7 @@ def load_autoencoder(path: str | os.PathLike, strict: bool = True,
     load_checked(model, state, strict, str(path), skip=VAE_STATE_BUFFERS + VQ_STATE_BUFFERS)
     model.scale_factor.fill_(source_scale if scale_factor is None else scale_factor)
     model.sample_posterior = True  # SD / CompVis encode stage-2 latents as posterior samples (VQ: deterministic)
-    return model.eval()
-
-
-def load_first_stage(path: str | os.PathLike) -> nn.Module:
-    """`model.first_stage.ckpt`: our `autoencoder.safetensors` (config in its metadata, KL or VQ), a
-    CompVis/Stability file (SD VAE inside `first_stage_model.*`, or stand-alone), or a diffusers folder."""
-    from ldm.models.autoencoder import CONFIG_METADATA_KEY, HOW_TO_GET_ONE
-    from ldm.models.autoencoder import load_autoencoder as load_ours
-
-    path = os.fspath(path)
-    if path.endswith(".safetensors") and os.path.isfile(path):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            if CONFIG_METADATA_KEY in (f.metadata() or {}):
-                return load_ours(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no first-stage autoencoder at {path}: give our autoencoder.safetensors "
-                                f"({HOW_TO_GET_ONE}), an SD checkpoint (.safetensors/.ckpt) or a diffusers folder")
-    return load_autoencoder(path)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -64,23 +64,36 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class SampleDecoder:
-    """Raw tar sample (dict of bytes) -> decoded sample, or SkipSample. Cheap checks come first."""
+    """Raw tar sample (dict of bytes) -> decoded sample, or SkipSample. Cheap checks come first.
+
+    `__call__` assembles the per-sample fields of the batch contract (key, meta, caption[, label]) for the
+    image shards AND the latent cache (`LatentSampleDecoder` overrides only `content_member` and
+    `content`), so a cached batch and an image batch cannot drift apart in anything but the content."""
 
     image_size: int
     caption_field: str | None = "txt"  # "txt" | "json:<field>" | None (unconditional: empty captions)
     label_field: str | None = None  # a KEY.json field -> int label
 
     def __call__(self, raw: dict) -> dict:
-        extension = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-        if extension is None:
-            have = sorted(k for k in raw if not k.startswith("__"))
-            raise SkipSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} entry (has {have})")
+        member = self.content_member(raw)  # a sample without content is skipped before anything is decoded
         meta = _parse_json(raw)
         sample = {"key": raw["__key__"], "meta": meta, "caption": self._caption(raw, meta)}
         if self.label_field is not None:
             sample["label"] = self._label(meta)
-        sample["image"] = to_tensor(resize_center_crop(load_rgb(raw[extension]), self.image_size))
+        sample.update(self.content(raw, member))
         return sample
+
+    def content_member(self, raw: dict) -> str:
+        """The member holding the sample's content (the image), or SkipSample("missing_image")."""
+        extension = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+        if extension is None:
+            have = sorted(k for k in raw if not k.startswith("__"))
+            raise SkipSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} entry (has {have})")
+        return extension
+
+    def content(self, raw: dict, member: str) -> dict:
+        """{"image": float32 (3, image_size, image_size) in [-1, 1]}: resized, centre-cropped."""
+        return {"image": to_tensor(resize_center_crop(load_rgb(raw[member]), self.image_size))}
 
     def _caption(self, raw: dict, meta: dict) -> str:
         if self.caption_field is None:

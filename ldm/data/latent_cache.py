@@ -33,8 +33,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ldm.data.decode import SampleDecoder, SkipSample, _parse_json
+from ldm.data.decode import SampleDecoder, SkipSample
 from ldm.errors import CacheError
+from ldm.modules.conditioning import Conditioner
 
 CACHE_VERSION = 1
 MANIFEST = "cache.json"
@@ -60,18 +61,18 @@ def weights_hash(module: nn.Module, prefixes: tuple[str, ...] = ()) -> str:
     return digest.hexdigest()
 
 
-def pixel_conditioner(conditioner: nn.Module) -> str | None:
+def pixel_conditioner(conditioner: Conditioner) -> str | None:
     """Name of a conditioner part that reads the images (super-resolution, inpainting): the cache holds
     none, so such a model cannot train from it."""
-    return next((type(m).__name__ for m in conditioner.modules() if hasattr(m, "image_key")), None)
+    return next((type(m).__name__ for m in conditioner.parts() if m.image_key is not None), None)
 
 
-def caches_context(conditioner: nn.Module) -> bool:
+def caches_context(conditioner: Conditioner) -> bool:
     """A frozen token conditioner (e.g. SD's CLIP): its output for a caption never changes, so it is
     cached. A jointly trained one (the paper's transformer, the demo's) runs in every step."""
     params = list(conditioner.parameters())
-    tokens_only = getattr(conditioner, "concat_channels", 0) == 0 and getattr(conditioner, "context_dim", None)
-    return bool(params) and not any(p.requires_grad for p in params) and bool(tokens_only)
+    tokens_only = conditioner.concat_channels == 0 and conditioner.context_dim is not None
+    return bool(params) and not any(p.requires_grad for p in params) and tokens_only
 
 
 def cache_key_parts(cfg, first_stage: nn.Module, conditioner: nn.Module) -> dict:
@@ -159,7 +160,7 @@ def check_cache(cfg, task: nn.Module) -> dict:
     """Refuse `data.latents` unless it was built from `data.shards` with the current first stage,
     transform and (frozen) conditioner: one CacheError sentence naming every mismatch."""
     where = f"data.latents={cfg.data.latents}"
-    if not hasattr(task, "first_stage"):
+    if not task.trains_on_latents:
         raise CacheError(f"{where}: a latent cache feeds stage 2; model={cfg.model.name} trains on pixels "
                          f"(drop data.latents)")
     pixels = pixel_conditioner(task.conditioner)
@@ -195,17 +196,14 @@ def _npy_tensor(data: bytes, member: str) -> torch.Tensor:
 @dataclasses.dataclass(frozen=True)
 class LatentSampleDecoder(SampleDecoder):
     """A cache sample -> {key, meta, caption[, label], latent_mean[, latent_logvar][, context]}: the batch
-    contract with the cached tensors in place of `image` (captions and labels read as from the images)."""
+    contract with the cached tensors in place of `image`. The other fields are assembled by
+    `SampleDecoder.__call__`, the same code as for the image shards."""
 
-    def __call__(self, raw: dict) -> dict:
+    def content_member(self, raw: dict) -> str:
         if "mean.npy" not in raw:
             have = sorted(k for k in raw if not k.startswith("__"))
             raise SkipSample("missing_image", f"no mean.npy entry: not a latent-cache sample (has {have})")
-        meta = _parse_json(raw)
-        sample = {"key": raw["__key__"], "meta": meta, "caption": self._caption(raw, meta)}
-        if self.label_field is not None:
-            sample["label"] = self._label(meta)
-        for member, name in MEMBERS.items():
-            if member in raw:
-                sample[name] = _npy_tensor(raw[member], member)
-        return sample
+        return "mean.npy"
+
+    def content(self, raw: dict, member: str) -> dict:
+        return {name: _npy_tensor(raw[m], m) for m, name in MEMBERS.items() if m in raw}

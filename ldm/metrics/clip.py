@@ -17,7 +17,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def _features(output) -> torch.Tensor:
     # transformers 5 returns a ModelOutput whose pooler_output is the projected embedding; 4.x a tensor
-    return output.pooler_output if hasattr(output, "pooler_output") else output
+    return output.pooler_output if hasattr(output, "pooler_output") else output  # by transformers version
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ Statistics and distances are float64 numpy: FID needs tr√(Σ₁Σ₂), and flo
 from __future__ import annotations
 
 import importlib.util
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -128,21 +129,46 @@ def fid_from_features(features1, features2, method: str = "eigh") -> float:
     return float(diff @ diff + (a * a).sum() / c1 + (b * b).sum() / c2 - 2 * trace_sqrt)
 
 
-def kid_from_features(features1, features2, subsets: int = 100, subset_size: int = 1000,
-                      seed: int = 0) -> tuple[float, float]:
-    """(mean, std) over random subsets of the unbiased MMD² with the cubic polynomial kernel
-    k(x, y) = (xᵀy / d + 1)³ (Bińkowski et al. 2018, eq. 4; the torch-fidelity / clean-fid defaults:
-    100 subsets of 1000, shrunk to the smaller set's size when fewer images are given)."""
+def _mmd2(a: np.ndarray, b: np.ndarray) -> float:
+    """Unbiased MMD² of two feature sets with the cubic polynomial kernel k(x, y) = (xᵀy / d + 1)³."""
+    d, m, n = a.shape[1], len(a), len(b)
+    k_aa, k_bb, k_ab = ((a @ a.T) / d + 1) ** 3, ((b @ b.T) / d + 1) ** 3, ((a @ b.T) / d + 1) ** 3
+    return float((k_aa.sum() - np.trace(k_aa)) / (m * (m - 1)) + (k_bb.sum() - np.trace(k_bb)) / (n * (n - 1))
+                 - 2 * k_ab.mean())
+
+
+class KID(NamedTuple):
+    mean: float
+    std: float | None  # None: too few images for two different subsets (the reason is in `kid_std_note`)
+    subset_size: int | None  # the size of the subsets the std was measured on
+
+
+KID_STD_UNDEFINED = "fewer than 4 images in a set: no two different subsets of 2 or more to spread over"
+
+
+def kid_from_features(features1, features2, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> KID:
+    """KID (Bińkowski et al. 2018, eq. 4): the unbiased MMD² with the cubic polynomial kernel.
+
+    With at least `subset_size` images in each set: mean and std over `subsets` random subsets of that size
+    (the torch-fidelity / clean-fid defaults, 100 of 1000). With fewer, every such subset would be the whole
+    set, and its std exactly 0: the mean is then the MMD² of the whole sets, and the std is measured over
+    random subsets of half the smaller set, so it says how much the estimate moves with the images drawn
+    (at half the images: it overstates the whole set's spread by about √2). `subset_size` in the result
+    says which size the std is of; std is None below 4 images (KID_STD_UNDEFINED)."""
     x, y = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
-    m = min(subset_size, len(x), len(y))
-    if m < 2:
+    n = min(len(x), len(y))
+    if n < 2:
         raise ValueError(f"kid_from_features: need at least 2 features in each set, got {len(x)} and {len(y)}")
     rng = np.random.default_rng(seed)
-    d = x.shape[1]
-    values = []
-    for _ in range(subsets):
-        a, b = x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)]
-        k_aa, k_bb, k_ab = ((a @ a.T) / d + 1) ** 3, ((b @ b.T) / d + 1) ** 3, ((a @ b.T) / d + 1) ** 3
-        off_diag = (k_aa.sum() - np.trace(k_aa) + k_bb.sum() - np.trace(k_bb)) / (m * (m - 1))
-        values.append(off_diag - 2 * k_ab.mean())
-    return float(np.mean(values)), float(np.std(values))
+
+    def spread(m: int) -> list[float]:
+        return [_mmd2(x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)])
+                for _ in range(subsets)]
+
+    if n >= subset_size:
+        values = spread(subset_size)
+        return KID(float(np.mean(values)), float(np.std(values)), subset_size)
+    whole = _mmd2(x, y)
+    if n // 2 < 2:
+        return KID(whole, None, None)
+    return KID(whole, float(np.std(spread(n // 2))), n // 2)

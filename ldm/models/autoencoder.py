@@ -129,10 +129,10 @@ class VQModel(_LatentAutoencoder):
 def save_autoencoder(model: nn.Module, path: str | os.PathLike, config: Mapping[str, Any],
                      sample_posterior: bool = True) -> None:
     """Write `model`'s state dict to ONE safetensors file; `config` (the `_target_` dict that builds it)
-    goes into the metadata as JSON so `load_autoencoder(path)` needs nothing else.
+    goes into the metadata as JSON so `ldm.convert.load_autoencoder(path)` needs nothing else.
 
     `sample_posterior` records which latents the decoder was trained on (KL posterior samples, or the
-    posterior mean); `load_autoencoder` sets it on the model so stage 2 encodes the same way."""
+    posterior mean); loading sets it on the model so stage 2 encodes the same way."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -213,8 +213,23 @@ def build_from_config(config: Any, path: str) -> nn.Module:
         raise ValueError(f"{path}: its metadata config does not build {target} ({e})") from None
 
 
-def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the autoencoder from the config in `path`'s metadata and load its weights strictly.
+def is_autoencoder_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a safetensors file written by `save_autoencoder` (its metadata holds the config),
+    whatever its name ends with. Reads the header only."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return False
+    try:
+        _read_metadata(path)
+    except ValueError:
+        return False
+    return True
+
+
+def read_autoencoder_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The reader of `save_autoencoder`'s one-file format; callers use `ldm.convert.load_autoencoder`, which
+    also reads SD single files and diffusers folders. Rebuilds the autoencoder from the config in `path`'s
+    metadata and loads its weights strictly.
 
     The config may only name a class of AUTOENCODER_CLASSES (checked before anything is built); every
     key and shape is checked before anything is copied, so an error never leaves a partially loaded model."""

@@ -11,6 +11,8 @@ Every conditioner is an `nn.Module` chosen in config by `_target_` and called th
 * `latent_size` is the latent's spatial size; only spatial (concat) conditioners use it.
 * `context_dim` (None when no tokens) and `concat_channels` (0 when none) are what the task hands to
   the UNet: `context_dim=cond.context_dim`, `in_channels=latent_channels + cond.concat_channels`.
+  They and the other facts callers read (`caption_key`, `label_key`, `image_key`, `needs_mask`, the
+  tokenizer hooks) are declared once, with defaults, in `ldm.modules.conditioning.Conditioner`.
 
 Semantic synthesis and pixel-space inpainting use the concat path too: put the maps in the batch and use
 `SpatialConcat(channels={"mask": 1, "masked_image": 3})` (`in_channels = latent_channels + 4`). The paper's
@@ -25,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.data.masks import masked_image, masks_for_keys
-from ldm.modules.conditioning import _batch_item, _captions_with_nulls, _check_drop, _zero_dropped
+from ldm.modules.conditioning import Conditioner, _batch_item, _captions_with_nulls, _check_drop, _zero_dropped
 from ldm.modules.hf_text import FrozenHFTextEncoder  # noqa: F401  (saved runs' configs name it here)
 from ldm.modules.tokenizer import MIN_VOCAB_SIZE, BPETokenizer
 
@@ -67,7 +69,7 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class TransformerTextEncoder(nn.Module):
+class TransformerTextEncoder(Conditioner):
     """The paper's τ_θ for text (§3.3, §4.3.1): BPE tokens -> transformer, trained jointly with the UNet.
 
     The tokenizer is fitted lazily (`fit_tokenizer(captions)`, called by the task before training)
@@ -103,16 +105,15 @@ class TransformerTextEncoder(nn.Module):
         return self.dim
 
     @property
-    def concat_channels(self) -> int:
-        return 0
-
-    @property
     def is_fitted(self) -> bool:
         return self.tokenizer is not None
 
     def fit_tokenizer(self, captions: list[str], **train_kwargs) -> BPETokenizer:
         self.tokenizer = BPETokenizer.train(captions, self.vocab_size, **train_kwargs)
         return self.tokenizer
+
+    def set_tokenizer(self, tokenizer: BPETokenizer) -> None:
+        self.tokenizer = tokenizer
 
     # -- the tokenizer travels inside state_dict() (and so inside safetensors checkpoints)
     def get_extra_state(self) -> torch.Tensor:
@@ -149,7 +150,7 @@ class TransformerTextEncoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------ class labels
-class ClassEmbedder(nn.Module):
+class ClassEmbedder(Conditioner):
     """Class label -> one token (B, 1, dim) for cross-attention (CompVis `ClassEmbedder`, cin models).
     The null condition is an extra learned index `num_classes`, trained by the CFG dropout."""
 
@@ -161,10 +162,6 @@ class ClassEmbedder(nn.Module):
     @property
     def context_dim(self) -> int:
         return self.dim
-
-    @property
-    def concat_channels(self) -> int:
-        return 0
 
     def forward(self, batch: dict, drop: torch.Tensor | None = None, latent_size=None) -> dict:
         labels = _batch_item(batch, self.label_key, "ClassEmbedder")
@@ -186,7 +183,7 @@ def _latent_size_or_error(latent_size, where: str):
     return latent_size
 
 
-class LowResConcat(nn.Module):
+class LowResConcat(Conditioner):
     """×`factor` super-resolution (`ldm_sr`, paper §4.4): the low-res image, resized to the latent
     size, is concatenated to z_t. Uses batch["lowres"] when present, else area-downsamples
     batch["image"] by `factor`. If the call gives no latent_size it is image size / `latent_factor`
@@ -197,10 +194,6 @@ class LowResConcat(nn.Module):
         super().__init__()
         self.factor, self.latent_factor, self.channels = factor, latent_factor, channels
         self.image_key, self.lowres_key, self.upsample_mode = image_key, lowres_key, upsample_mode
-
-    @property
-    def context_dim(self) -> None:
-        return None
 
     @property
     def concat_channels(self) -> int:
@@ -228,7 +221,7 @@ class LowResConcat(nn.Module):
         return {"concat": _zero_dropped(concat, _check_drop(drop, lowres.shape[0], "LowResConcat"))}
 
 
-class SpatialConcat(nn.Module):
+class SpatialConcat(Conditioner):
     """Generic concat conditioner: batch maps (masks, masked images, semantic maps, encoded latents)
     resized to the latent size and stacked in the order of `channels` ({key: channel count}).
     Null condition: zeros."""
@@ -236,10 +229,6 @@ class SpatialConcat(nn.Module):
     def __init__(self, channels: dict[str, int], upsample_mode: str = "nearest"):
         super().__init__()
         self.channels, self.upsample_mode = dict(channels), upsample_mode
-
-    @property
-    def context_dim(self) -> None:
-        return None
 
     @property
     def concat_channels(self) -> int:
@@ -257,7 +246,7 @@ class SpatialConcat(nn.Module):
         return {"concat": _zero_dropped(concat, _check_drop(drop, concat.shape[0], "SpatialConcat"))}
 
 
-class MaskedImageConcat(nn.Module):
+class MaskedImageConcat(Conditioner):
     """Inpainting (paper §4.5; SD-inpainting layout): concat [mask at latent size, s·E(masked image)] to z_t,
     so the UNet has `in_channels = 2·c + 1`. `mask_first: false` gives latent-diffusion's own order
     [E(masked image), mask] (its `inpainting_big` model); true is SD-inpainting's (and diffusers').
@@ -268,6 +257,8 @@ class MaskedImageConcat(nn.Module):
     (`_partial_: true`): the task supplies `first_stage`, which is held, not registered (the task owns it).
     """
 
+    needs_mask = True
+
     def __init__(self, first_stage: nn.Module, mask_first: bool = True, mask_seed: int = 0,
                  mask_kinds: tuple[str, ...] = ("box", "stroke"), image_key: str = "image", mask_key: str = "mask"):
         super().__init__()
@@ -275,10 +266,6 @@ class MaskedImageConcat(nn.Module):
         self.latent_channels = first_stage.latent_channels
         self.mask_first, self.mask_seed, self.mask_kinds = mask_first, mask_seed, tuple(mask_kinds)
         self.image_key, self.mask_key = image_key, mask_key
-
-    @property
-    def context_dim(self) -> None:
-        return None
 
     @property
     def concat_channels(self) -> int:
@@ -312,24 +299,27 @@ class MaskedImageConcat(nn.Module):
 
 
 # ------------------------------------------------------------------------------ none / several
-class Unconditional(nn.Module):
+class Unconditional(Conditioner):
     """No conditioning (LDM on CelebA-HQ, FFHQ, LSUN, paper §4.1)."""
-
-    context_dim = None
-    concat_channels = 0
 
     def forward(self, batch: dict, drop: torch.Tensor | None = None, latent_size=None) -> dict:
         return {}
 
 
-class Composite(nn.Module):
+class Composite(Conditioner):
     """Hybrid conditioning (paper §3.3): several conditioners at once. Token sets are joined along the
     token axis (all must share context_dim), spatial maps along channels. `drop` drops all together,
     so the null branch of classifier-free guidance is fully unconditional."""
 
-    def __init__(self, conditioners: dict[str, nn.Module]):
+    def __init__(self, conditioners: dict[str, Conditioner]):
         super().__init__()
+        plain = [name for name, c in conditioners.items() if not isinstance(c, Conditioner)]
+        if plain:
+            raise TypeError(f"Composite: members {plain} are not ldm.modules.conditioning.Conditioner subclasses")
         self.conditioners = nn.ModuleDict(dict(conditioners))
+        fitting = [type(p).__name__ for p in self.parts() if not p.is_fitted]
+        if len(fitting) > 1:
+            raise ValueError(f"Composite: at most one member may fit a tokenizer on the captions, got {fitting}")
         dims = {n: c.context_dim for n, c in self.conditioners.items() if c.context_dim is not None}
         if len(set(dims.values())) > 1:
             raise ValueError(f"Composite: token conditioners disagree on context_dim: {dims}")
@@ -342,6 +332,30 @@ class Composite(nn.Module):
     @property
     def concat_channels(self) -> int:
         return sum(c.concat_channels for c in self.conditioners.values())
+
+    def parts(self) -> list[Conditioner]:
+        return [p for c in self.conditioners.values() for p in c.parts()]
+
+    @property
+    def needs_mask(self) -> bool:
+        return any(p.needs_mask for p in self.parts())
+
+    def masks(self, batch: dict) -> torch.Tensor:
+        return next(p for p in self.parts() if p.needs_mask).masks(batch) if self.needs_mask else super().masks(batch)
+
+    @property
+    def is_fitted(self) -> bool:
+        return all(p.is_fitted for p in self.parts())
+
+    def fit_tokenizer(self, captions: list[str]):
+        """Fits the member that has a tokenizer (one at most: the run keeps one tokenizer.json)."""
+        unfitted = [p for p in self.parts() if not p.is_fitted]
+        return unfitted[0].fit_tokenizer(captions) if unfitted else None
+
+    def set_tokenizer(self, tokenizer) -> None:
+        for p in self.parts():
+            if not p.is_fitted:
+                p.set_tokenizer(tokenizer)
 
     def forward(self, batch: dict, drop: torch.Tensor | None = None, latent_size=None) -> dict:
         parts = [c(batch, drop, latent_size=latent_size) for c in self.conditioners.values()]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ldm.modules.conditioning import _captions_with_nulls
+from ldm.modules.conditioning import Conditioner, _captions_with_nulls
 from ldm.modules.tokenizer import _check_captions, warn_truncation
 
 # model_type (from config.json) -> transformers class. Text-only classes avoid loading CLIP's vision
@@ -79,7 +79,7 @@ def resolve_pretrained(name_or_path: str, local_files_only: bool = True, subfold
             f"Cause: {err}") from err
 
 
-class FrozenHFTextEncoder(nn.Module):
+class FrozenHFTextEncoder(Conditioner):
     """Stable-Diffusion-style frozen text encoder (CLIP / T5 / BERT) from a local path or the HF cache.
 
     Never trained: eval mode is kept even under `.train()`, parameters have requires_grad False and
@@ -123,10 +123,6 @@ class FrozenHFTextEncoder(nn.Module):
     @property
     def context_dim(self) -> int:
         return self.model.config.hidden_size
-
-    @property
-    def concat_channels(self) -> int:
-        return 0
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -1,6 +1,6 @@
 """Stage-1 task: train a KL- or VQ-regularised autoencoder with L1 + LPIPS + PatchGAN (Sec. 3.1).
 
-Implements the task contract of docs/architecture.md for train/loop.py.
+Implements the task contract of docs/architecture.md for ldm/training/loop.py.
 """
 from __future__ import annotations
 
@@ -52,10 +52,15 @@ class AutoencoderTask(Task):
         return [m for m in self.autoencoder.modules() if isinstance(m, (ResnetBlock, AttnBlock))]
 
     @torch.no_grad()
+    def reconstruct(self, batch: dict) -> torch.Tensor:
+        """D(E(x)) from the posterior mean, clamped to the data range [-1, 1]."""
+        return self.autoencoder(batch["image"], sample=False)[0].clamp(-1, 1)
+
+    @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, Panel]:
         """Each reconstruction beside its input, captioned with its PSNR."""
         images = batch["image"]
-        reconstructions = self.autoencoder(images, sample=False)[0].clamp(-1, 1)
+        reconstructions = self.reconstruct(batch)
         captions = [c for p in psnr(images, reconstructions).tolist() for c in ("input", f"reconstruction {p:.1f} dB")]
         return {"reconstructions": Panel(side_by_side(images, reconstructions), captions, group=2)}
 

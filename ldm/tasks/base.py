@@ -1,5 +1,5 @@
 """The task contract (docs/architecture.md) as a base class: the optional hooks have no-op defaults, so
-the training loop calls them on every task and never asks `hasattr(task, …)`."""
+the training loop calls them on every task and never probes a task for attributes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,6 +28,9 @@ class Task(nn.Module):
     ema_target(), visualize(batch), evaluate(batch); the hooks below are optional."""
 
     frozen_prefixes: tuple[str, ...] = ()  # state-dict prefixes rebuilt from their own files, not checkpointed
+    # Facts the entry points read instead of probing the task for attributes:
+    generates_images: bool = False  # has `sample(batch, …)` (stage 2): sampling, export, generation metrics
+    trains_on_latents: bool = False  # trains on a frozen first stage's latents, so a latent cache can feed it
 
     def on_train_start(self, run: RunContext) -> None:
         """Before the first step and before a checkpoint is loaded (e.g. fit a tokenizer on the captions)."""
@@ -35,6 +38,10 @@ class Task(nn.Module):
     def on_train_end(self, run: RunContext) -> None:
         """After the last step, before the final checkpoint (e.g. stage 1 measures its latents and writes
         the file stage 2 loads). Called on every rank: collectives are allowed."""
+
+    def reconstruct(self, batch: dict) -> torch.Tensor | None:
+        """The model's reconstructions of batch["image"] in [-1, 1] (stage 1; for rFID), or None."""
+        return None
 
     def step_phase(self, step: int) -> object:
         """Steps with equal phases cost the same FLOPs; the throughput meter counts them once per phase."""

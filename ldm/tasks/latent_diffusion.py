@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ldm.diffusion.objective import add_noise, diffusion_loss, offset_noise
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.conditioning import sample_drop_mask
+from ldm.modules.conditioning import Conditioner, sample_drop_mask
 from ldm.modules.encoders import TransformerBlock
 from ldm.modules.unet_blocks import AttentionBlock, ResBlock
 from ldm.sampling import SAMPLERS, cfg_model_fn, img2img_timesteps, known_region_model_fn
@@ -31,6 +31,9 @@ class LatentDiffusionTask(Task):
     A conditioner that needs the first stage (inpainting's `MaskedImageConcat`) is a partial too.
     """
 
+    generates_images = True
+    trains_on_latents = True
+
     def __init__(self, unet: Callable[..., nn.Module], conditioner: nn.Module | Callable[..., nn.Module],
                  first_stage: nn.Module,
                  schedule: dict | None = None, parameterization: str = "eps", loss_weighting: str = "uniform",
@@ -41,6 +44,9 @@ class LatentDiffusionTask(Task):
         self.first_stage = first_stage.eval().requires_grad_(False)
         if not isinstance(conditioner, nn.Module):
             conditioner = conditioner(first_stage=self.first_stage)
+        if not isinstance(conditioner, Conditioner):
+            raise TypeError(f"LatentDiffusionTask: the conditioner {type(conditioner).__name__} does not implement "
+                            f"ldm.modules.conditioning.Conditioner (the facts the task and its callers read)")
         self.conditioner = conditioner
         latent = first_stage.latent_channels
         self.unet = unet(in_channels=latent + conditioner.concat_channels, out_channels=latent,
@@ -96,7 +102,7 @@ class LatentDiffusionTask(Task):
         embedding means anything. Rank 0 fits it and writes run_dir/tokenizer.json; the other ranks read
         that file, so every rank holds the same vocabulary. On resume the checkpoint's tokenizer replaces it."""
         encoder = self.conditioner
-        if not hasattr(encoder, "fit_tokenizer") or encoder.is_fitted:
+        if encoder.is_fitted:  # no tokenizer to fit, or one restored already
             return
         from ldm.data.webdataset import read_captions
         from ldm.modules.tokenizer import BPETokenizer
@@ -111,7 +117,7 @@ class LatentDiffusionTask(Task):
             tmp.write_text(encoder.fit_tokenizer(captions).to_json())
             tmp.replace(path)
         run.barrier()
-        encoder.tokenizer = BPETokenizer.from_json(path.read_text())
+        encoder.set_tokenizer(BPETokenizer.from_json(path.read_text()))
 
     # -- latents ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -257,7 +263,7 @@ class LatentDiffusionTask(Task):
         and the held-out images those conditions came from."""
         n = min(16, _batch_size(batch))
         batch = {k: v[:n] for k, v in batch.items()}
-        if hasattr(self.conditioner, "masks"):  # inpainting: show the masked inputs and inpaint them
+        if self.conditioner.needs_mask:  # inpainting: show the masked inputs and inpaint them
             batch["mask"] = self.conditioner.masks(batch)
         generator = torch.Generator(batch["image"].device).manual_seed(0)  # same noise every time: comparable grids
         captions = self.condition_captions(batch)
@@ -270,10 +276,10 @@ class LatentDiffusionTask(Task):
     def condition_captions(self, batch: dict) -> list[str] | None:
         """One line per sample naming its condition (prompt and/or class); None when unconditional."""
         parts = []
-        for m in self.conditioner.modules():
-            if hasattr(m, "caption_key"):
+        for m in self.conditioner.parts():
+            if m.caption_key is not None:
                 parts.append([str(c) for c in batch[m.caption_key]])
-            if hasattr(m, "label_key"):
+            if m.label_key is not None:
                 parts.append([f"class {int(y)}" for y in batch[m.label_key]])
         return [" | ".join(p) for p in zip(*parts)] if parts else None
 

@@ -61,9 +61,9 @@ def build_task(cfg) -> BuiltTask:
     check_targets(cfg.model.task, "model.task")
     facts = {}
     if cfg.model.get("first_stage") is not None:
-        from ldm.convert import load_first_stage  # ours, an SD/CompVis file or a diffusers folder
+        from ldm.convert import load_autoencoder  # ours, an SD/CompVis file or a diffusers folder
 
-        facts["first_stage"] = load_first_stage(cfg.model.first_stage.ckpt)
+        facts["first_stage"] = load_autoencoder(cfg.model.first_stage.ckpt)
     task, pretrained_ema = instantiate(cfg.model.task, **facts), None
     if cfg.model.get("init_from"):
         from ldm.convert import apply_init_from

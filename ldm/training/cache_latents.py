@@ -29,6 +29,8 @@ from ldm.data.latent_cache import (CACHE_VERSION, MANIFEST, SHARD_NAME, cache_ke
                                    npy_bytes, pixel_conditioner, source_urls)
 from ldm.data.webdataset import build_loader
 from ldm.errors import CacheError
+from ldm.models.autoencoder import AutoencoderKL
+
 
 class KeepMembers(SampleDecoder):
     """The loader's decoder (same transform, same skips) that also hands on the sample's other members
@@ -44,11 +46,11 @@ def load_frozen_parts(cfg) -> tuple[nn.Module, nn.Module]:
     """The first stage and the conditioner of `cfg.model.task`, without building the UNet."""
     from hydra.utils import instantiate
 
-    from ldm.convert import load_first_stage
+    from ldm.convert import load_autoencoder
 
     if cfg.model.get("first_stage") is None:
         raise CacheError(f"model={cfg.model.name} has no first stage: the latent cache is for stage-2 models")
-    first_stage = load_first_stage(cfg.model.first_stage.ckpt).eval().requires_grad_(False)
+    first_stage = load_autoencoder(cfg.model.first_stage.ckpt).requires_grad_(False)
     conditioner = instantiate(cfg.model.task.conditioner)
     if not isinstance(conditioner, nn.Module):  # a partial that takes the first stage (inpainting)
         conditioner = conditioner(first_stage=first_stage)
@@ -94,7 +96,7 @@ def encode_shard(source: str, target: Path, cfg, first_stage, conditioner, with_
     with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0.0) as sink:
         for batch in loader:
             images = batch["image"].to(device)
-            if hasattr(first_stage, "posterior"):  # KL: keep the posterior, resampled at train time
+            if isinstance(first_stage, AutoencoderKL):  # KL: keep the posterior, resampled at train time
                 posterior = first_stage.posterior(images)
                 moments = {"mean.npy": posterior.mean, "logvar.npy": posterior.logvar}
             else:  # VQ: the deterministic pre-quantisation latent

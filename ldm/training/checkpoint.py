@@ -177,7 +177,7 @@ def _apply_optimizer_settings(name: str, optimizer, scheduler, wanted: list[dict
             if key == "lr":
                 factor = group["lr"] / have["lr"] if have["lr"] else 1.0
                 group["initial_lr"], group["lr"] = value, value * factor
-                if scheduler is not None and hasattr(scheduler, "base_lrs"):
+                if scheduler is not None and hasattr(scheduler, "base_lrs"):  # torch LR schedulers; not every one
                     scheduler.base_lrs[i] = value
             else:
                 group[key] = value

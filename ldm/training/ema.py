@@ -111,7 +111,7 @@ class EMA(nn.Module):
 def _copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a whole tensor into `target`, which may be a DTensor shard of it (its local piece is cut
     from `full` with the target's own placements)."""
-    if hasattr(target, "device_mesh"):
+    if hasattr(target, "device_mesh"):  # a DTensor shard: duck-typed, torch.distributed.tensor may be absent
         from torch.distributed.tensor import distribute_tensor
 
         piece = distribute_tensor(full.to(target.to_local().device, target.dtype), target.device_mesh,

@@ -77,7 +77,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoin
     from omegaconf import OmegaConf
 
     cfg, task, ckpt = load_run(Path(run_dir), checkpoint, use_ema=use_ema)
-    if not hasattr(task, "unet"):
+    if not task.generates_images:
         raise ValueError(f"{run_dir} is a {cfg.model.name} run without a UNet: only stage-2 (latent diffusion) runs "
                          "export to diffusers; a stage-1 autoencoder loads with ldm.convert.load_autoencoder")
     schedule = OmegaConf.to_container(cfg.model.task.get("schedule") or {}, resolve=True)

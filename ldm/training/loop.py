@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from ldm.data.latent_cache import check_cache
+from ldm.training.evaluation import held_out_means
 from ldm.tasks.base import RunContext
 from ldm.training.build import (BuiltTask, build_accelerator, build_eval_loader, build_task, build_train_loader,
                                 save_config)
@@ -26,7 +28,8 @@ from ldm.training.tracking import log_images
 @torch.no_grad()
 @torch.random.fork_rng()  # evaluation must not shift the training RNG stream (bit-identical resume)
 def evaluate(task, cfg, accelerator, step: int, run_dir: Path, ema=None) -> dict[str, float]:
-    """Held-out metrics + image grids over `trainer.eval_batches` batches, with the EMA weights when the
+    """Held-out metrics (per-image means, ldm/training/evaluation.py) + image grids over
+    `trainer.eval_batches` batches, with the EMA weights when the
     model keeps an EMA (they sample better than the raw ones). Every rank runs it on the same batches
     (an FSDP forward is a collective); the main process writes the grids."""
     if ema is not None:
@@ -34,22 +37,14 @@ def evaluate(task, cfg, accelerator, step: int, run_dir: Path, ema=None) -> dict
             return evaluate(task, cfg, accelerator, step, run_dir)
     was_training = task.training
     task.eval()
-    totals, count, images = {}, 0, {}
+    images = {}
     loader = build_eval_loader(cfg, batch_size=min(16, cfg.trainer.batch_size))
-    for i, batch in enumerate(loader):
-        if i >= cfg.trainer.eval_batches:
-            break
-        batch = to_device(batch, accelerator.device)
-        with accelerator.autocast():
-            metrics = task.evaluate(batch)
-            if i == 0:
-                images = task.visualize(batch)
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-        count += 1
+    batches = (to_device(b, accelerator.device) for b in islice(loader, cfg.trainer.eval_batches))
+    means, _ = held_out_means(task, batches, autocast=accelerator.autocast,
+                              each=lambda i, batch: images.update(task.visualize(batch)) if i == 0 else None)
     task.train(was_training)
     log_images(accelerator, step, images, run_dir)
-    return {f"val/{k}": v / max(count, 1) for k, v in totals.items()}
+    return {f"val/{k}": v for k, v in means.items()}
 
 
 def train(cfg) -> Path:

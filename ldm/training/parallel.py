@@ -66,8 +66,8 @@ def _data_parallel(task: nn.Module, strategy: str, accelerator) -> nn.Module:
 def whole(t: torch.Tensor) -> torch.Tensor:
     """A DTensor shard (FSDP) gathered to the whole tensor (a collective: every rank calls it); plain
     tensors pass through."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor, duck-typed (no distributed import)
 
 
 def is_sharded(module: nn.Module) -> bool:
-    return any(hasattr(p, "device_mesh") for p in module.parameters())
+    return any(hasattr(p, "device_mesh") for p in module.parameters())  # DTensor parameters: sharded by FSDP2
