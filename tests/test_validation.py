@@ -69,7 +69,7 @@ def test_bad_validation_config_is_one_line_through_the_cli(overrides, says, tmp_
 
 
 # ------------------------------------------------------------------------------------------ one process
-@pytest.mark.slow  # four short CLI runs: ~60 s on the shared 2-core machine
+@pytest.mark.slow  # four short CLI runs: ~4.5 min on the shared 2-core machine
 def test_same_noise_every_time_and_resume_stays_bit_identical(shapes_shards, tiny_autoencoder, tmp_path):
     # lr 0: the weights (and EMA) never change, so two grids at different steps are equal only if both
     # started from the same noise
@@ -100,7 +100,7 @@ def test_same_noise_every_time_and_resume_stays_bit_identical(shapes_shards, tin
 
 
 # ------------------------------------------------------------------------------------------ FSDP, 2 processes
-@pytest.mark.slow  # a 2-process FSDP run and a 1-process run: ~60 s on the shared 2-core machine
+@pytest.mark.slow  # a 2-process FSDP run and a 1-process run: ~2.5 min on the shared 2-core machine
 def test_fsdp_two_processes_sample_the_same_grid_as_one(shapes_shards, tiny_autoencoder, tmp_path):
     one, fsdp = tmp_path / "one", tmp_path / "fsdp"
     extra = [PROMPTS, "trainer.validation.every=1", "trainer.max_steps=2", "model.optim.unet.lr=0",
@@ -124,7 +124,7 @@ def docs_command() -> str:
     return line
 
 
-@pytest.mark.slow  # one CLI run: ~25 s on the shared 2-core machine
+@pytest.mark.slow  # one CLI run: ~40 s on the shared 2-core machine
 def test_documented_command_writes_validation_grids(shapes_shards, tiny_autoencoder, tmp_path):
     import subprocess
 
