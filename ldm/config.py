@@ -12,6 +12,7 @@ import inspect
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -79,6 +80,19 @@ class SpikeConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Validation prompts (ldm/training/validation.py): the EMA weights sample these prompts every `every`
+    steps and at the end, from the same starting noise each time, so the grids compare across steps.
+    Off while `prompts` is empty. Stage 2 only (a stage-1 autoencoder has no prompts to sample)."""
+    prompts: Any = field(default_factory=list)  # a list of prompts, or a text file with one prompt per line
+    every: int = 500  # steps between validation grids (0 = only at the end)
+    seed: int = 0  # prompt i starts from noise seeded by seed + i, drawn on the CPU (as train/sample.py does)
+    steps: Optional[int] = None  # sampler steps (None: the model's sample_steps)
+    guidance: Optional[float] = None  # classifier-free guidance scale (None: the model's guidance_scale)
+    negative_prompts: Any = field(default_factory=list)  # none, one for every prompt, or one per prompt
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 32  # GLOBAL batch: micro_batch x processes x accumulation (no hidden scaling)
@@ -109,6 +123,7 @@ class TrainerConfig:
     requeue: bool = True  # under SLURM, a signal-stopped job that SLURM still runs requeues itself
     max_bad_steps: int = 20  # consecutive steps with a non-finite loss/grad (each skipped) before the run stops
     spike: SpikeConfig = field(default_factory=SpikeConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)  # your own prompts, sampled in training
     # Peak dense TFLOP/s of one device, the denominator of train/mfu (ldm/training/meter.py). None: on CUDA
     # the H100/H200 SXM figure, 989 (bf16/fp16) or 494.5 (fp32, run as TF32); on CPU no MFU is logged.
     peak_tflops: Optional[float] = None
@@ -234,11 +249,47 @@ def check_trainer(cfg: Any) -> None:
     if t.spike.factor <= 1 or t.spike.max_weight_change <= 0 or t.spike.max_rewinds < 0:
         raise ConfigError(f"trainer.spike: factor={t.spike.factor} must be > 1, max_weight_change="
                           f"{t.spike.max_weight_change} > 0 and max_rewinds={t.spike.max_rewinds} >= 0")
+    if t.validation.every < 0 or (t.validation.steps is not None and t.validation.steps < 1):
+        raise ConfigError(f"trainer.validation: every={t.validation.every} must be >= 0 (0 = only at the end) and "
+                          f"steps={t.validation.steps} >= 1 (or null for the model's)")
+    validation_prompts(cfg)
     if t.mixed_precision == Precision.fp16 and len(cfg.model.optim) > 1:
         raise ConfigError(f"trainer.mixed_precision=fp16 with {len(cfg.model.optim)} optimizers "
                           f"({', '.join(cfg.model.optim)}): Accelerate shares ONE GradScaler between them and updates "
                           f"its scale once per optimizer step, so the loss scale of each is wrong; use bf16 (no loss "
                           f"scaling needed) or no")
+
+
+def validation_prompts(cfg: Any) -> tuple[list[str], list[str] | None]:
+    """`trainer.validation`'s prompts (read from the file when `prompts` is a path) and one negative prompt
+    per prompt (None when there are none). Raises ConfigError naming the key for a missing or empty file, a
+    wrong count of negative prompts, or prompts on a stage-1 model."""
+    v = cfg.trainer.validation
+    prompts = v.prompts
+    if isinstance(prompts, str):
+        path = Path(prompts)
+        if not path.is_file():
+            raise ConfigError(f"trainer.validation.prompts={prompts}: no such file (give a list of prompts, or a text "
+                              f"file with one prompt per line)")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"trainer.validation.prompts={v.prompts}: the file holds no prompts")
+    prompts = [str(p) for p in (prompts or [])]
+    negatives = v.negative_prompts
+    negatives = [str(negatives)] if isinstance(negatives, str) else [str(n) for n in (negatives or [])]
+    if not prompts:
+        if negatives:
+            raise ConfigError("trainer.validation.negative_prompts is set but trainer.validation.prompts is empty")
+        return [], None
+    if cfg.model.get("first_stage") is None:
+        raise ConfigError(f"trainer.validation.prompts: {cfg.model.name} is a stage-1 autoencoder, which samples "
+                          f"no prompts; set validation prompts on the stage-2 (diffusion) run")
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    if negatives and len(negatives) != len(prompts):
+        raise ConfigError(f"trainer.validation.negative_prompts: {len(negatives)} negative prompts for {len(prompts)} "
+                          f"prompts; give one for all or one per prompt")
+    return prompts, negatives or None
 
 
 def check_targets(node: Any, path: str = "model") -> None:

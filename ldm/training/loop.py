@@ -23,6 +23,7 @@ from ldm.training.preemption import StopRequest, after_stop, report_outcome
 from ldm.training.progress import RunLog, say
 from ldm.training.step import TrainStep, to_device
 from ldm.training.tracking import log_images
+from ldm.training.validation import validate, validation_due
 
 
 @torch.no_grad()
@@ -91,6 +92,9 @@ def train(cfg) -> Path:
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < cfg.trainer.max_steps:
                 with steps.meter.excluded():
                     log.write(step, evaluate(built.task, cfg, accelerator, step, Path(cfg.run_dir), steps.ema))
+            if validation_due(step, cfg.trainer):  # the user's prompts (trainer.validation), same noise each time
+                with steps.meter.excluded():
+                    validate(built.task, cfg, accelerator, step, Path(cfg.run_dir), steps.ema)
             if step % cfg.trainer.ckpt_every == 0 and step < cfg.trainer.max_steps:
                 with steps.meter.excluded():
                     ckpt.save(step, "scheduled")
@@ -179,6 +183,7 @@ def _finish(cfg, built: BuiltTask, run: RunContext, ckpt: Checkpointer, steps: T
     built.task.on_train_end(run)
     ckpt.save(step, "final")
     metrics = evaluate(built.task, cfg, accelerator, step, Path(cfg.run_dir), steps.ema)
+    validate(built.task, cfg, accelerator, step, Path(cfg.run_dir), steps.ema)
     if accelerator.is_main_process:
         log.write(step, metrics)
         print("[ldm] final " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
