@@ -292,6 +292,7 @@ class ShardStream(IterableDataset):
             position += 1
             counter.read += 1
             try:
+                sample["__epoch__"] = epoch  # seeds the sample's augmentation (SampleDecoder.rng)
                 pending.append(self.decoder(sample))
             except SkipSample as skip:
                 counter.skip(skip.kind, sample.get("__url__", "?"), sample.get("__key__", "?"), skip.detail)
