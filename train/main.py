@@ -11,6 +11,7 @@ from contextlib import nullcontext
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, open_dict
 
 from ldm.config import ConfigError, register_configs
@@ -44,8 +45,11 @@ def main(cfg: DictConfig) -> None:
     try:
         with lock:
             train(cfg)
-    except (OSError, ValueError, RunError) as e:  # missing/bad/unsafe files, divergence, data, lock: one line
-        raise SystemExit(f"[ldm] {e}") from None
+    except Exception as e:  # missing/bad/unsafe files, divergence, data, lock: one line, no traceback
+        cause = e.__cause__ if isinstance(e, InstantiationException) else e  # raised inside a model's __init__
+        if isinstance(cause, (OSError, ValueError, RunError)):
+            raise SystemExit(f"[ldm] {cause}") from None
+        raise
 
 
 if __name__ == "__main__":
