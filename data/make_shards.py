@@ -136,8 +136,8 @@ def main(argv=None) -> None:
     print({k: v for k, v in report.items() if k != "unreadable"}, f"unreadable: {len(report['unreadable'])}")
     written, uncaptioned = report["written"], report["without_caption"]
     if uncaptioned:
-        what = "none has" if uncaptioned == written else f"{uncaptioned} of {written} have"
-        print(f"[ldm] {what} a caption: train stage 1 on every image with data.caption_field=null; a text-to-image "
+        what = "none has a caption" if uncaptioned == written else f"{uncaptioned} of {written} have no caption"
+        print(f"[ldm] {what}: train stage 1 on every image with data.caption_field=null; a text-to-image "
               f"stage 2 (data.caption_field=txt) skips the uncaptioned ones")
 
 

@@ -97,6 +97,7 @@ def test_readme_own_images_path_end_to_end(tmp_path):
         outputs.append(proc.stdout)
     shards_out, stage1, stage2, sample = outputs
     assert f"'written': 60, 'without_caption': {60 - captioned}" in shards_out
+    assert f"[ldm] {60 - captioned} of 60 have no caption: train stage 1 on every image" in shards_out
     assert "RANDOM alex backbone" in stage1  # the run says its LPIPS is random
     assert (tmp_path / "runs" / "autoencoder_kl_demo-images" / "autoencoder.safetensors").is_file()
     config = (tmp_path / "runs" / "autoencoder_kl_demo-images" / "config.yaml").read_text()

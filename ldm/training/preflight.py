@@ -45,9 +45,10 @@ def _check_first_stage(cfg) -> None:
                           f"autoencoder; give the autoencoder.safetensors stage 1 wrote (e.g. model.first_stage.ckpt="
                           f"{cfg.paths.runs}/autoencoder_kl_demo-{cfg.data.name}/autoencoder.safetensors) or a "
                           f"pretrained VAE (docs/convert.md)")
-    if "://" not in str(first.ckpt) and not os.path.exists(first.ckpt):
-        raise ConfigError(f"model.first_stage.ckpt={first.ckpt}: no such file or folder (train stage 1 first: it "
-                          f"writes RUN_DIR/autoencoder.safetensors)")
+    if not os.path.exists(first.ckpt):
+        raise ConfigError(f"model.first_stage.ckpt={first.ckpt}: no such file or folder; give the "
+                          f"autoencoder.safetensors stage 1 wrote (train one with `python train/main.py "
+                          f"model=autoencoder_kl_demo`), an SD checkpoint (.safetensors/.ckpt) or a diffusers folder")
 
 
 def _check_strategy(cfg) -> None:
