@@ -3,9 +3,11 @@
 Captions come from a same-name `.txt` beside each image (`cat.jpg` + `cat.txt`) or from a CSV/parquet
 table with columns `filename,caption` (filename relative to the folder, or a bare file name).
 jpg/png/webp bytes are stored unchanged (no re-encoding loss); other formats PIL reads (bmp, tiff, gif)
-are re-encoded as png. Unreadable images are reported and skipped, never fatal.
+are re-encoded as png. Unreadable images are reported and skipped, never fatal. Images without a caption
+are written without `KEY.txt`: stage 1 (and unconditional or class models) read every image with
+`data.caption_field=null`; a text-to-image stage 2 with the default `data.caption_field=txt` skips them.
 
-    python -m data.make_shards IMAGE_DIR --out shards/ [--captions captions.csv] [--val-fraction 0.05]
+    python -m data.make_shards IMAGE_DIR --out shards/images [--captions captions.csv] [--val-fraction 0.1]
 """
 
 from __future__ import annotations
@@ -126,9 +128,17 @@ def main(argv=None) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    report = make_shards(args.image_dir, args.out, captions=args.captions, max_count=args.max_count,
-                         val_fraction=args.val_fraction, seed=args.seed)
+    try:
+        report = make_shards(args.image_dir, args.out, captions=args.captions, max_count=args.max_count,
+                             val_fraction=args.val_fraction, seed=args.seed)
+    except (OSError, ValueError, ImportError) as exn:  # a wrong folder or caption table: one line, no traceback
+        raise SystemExit(f"[ldm] make_shards: {exn}") from None
     print({k: v for k, v in report.items() if k != "unreadable"}, f"unreadable: {len(report['unreadable'])}")
+    written, uncaptioned = report["written"], report["without_caption"]
+    if uncaptioned:
+        what = "none has a caption" if uncaptioned == written else f"{uncaptioned} of {written} have no caption"
+        print(f"[ldm] {what}: train stage 1 on every image with data.caption_field=null; a text-to-image "
+              f"stage 2 (data.caption_field=txt) skips the uncaptioned ones")
 
 
 if __name__ == "__main__":

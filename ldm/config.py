@@ -48,6 +48,22 @@ class LoggerKind(str, Enum):
     none = "none"
 
 
+class Crop(str, Enum):
+    center = "center"
+    random = "random"
+    random_resized = "random_resized"
+
+
+@dataclass
+class AugmentConfig:
+    # Random training transforms, drawn per sample from (trainer.seed, epoch, sample key): a resumed run
+    # draws the same ones. Held-out metrics, grids and latent statistics always use the centre crop.
+    flip: float = 0.0  # probability of a horizontal flip; 0 because it breaks captions that say left/right
+    crop: Crop = Crop.center  # center | random (random square along the longer side) | random_resized (stage 1)
+    scale: List[float] = field(default_factory=lambda: [0.5, 1.0])  # random_resized: area fraction range
+    ratio: List[float] = field(default_factory=lambda: [0.75, 4 / 3])  # random_resized: aspect-ratio range
+
+
 @dataclass
 class DataConfig:
     name: str = MISSING
@@ -56,9 +72,12 @@ class DataConfig:
     image_size: int = 64  # pixels; images are resized (shorter side) and centre-cropped
     shuffle_buffer: int = 1000  # samples held for shuffling in each loader worker
     resample: bool = False  # draw shards with replacement (infinite stream, no epochs)
-    caption_field: str = "txt"  # "txt" reads KEY.txt; "json:<field>" reads a field of KEY.json
+    # "txt" reads KEY.txt; "json:<field>" reads a field of KEY.json; null: no captions (stage 1, unconditional
+    # and class models train from image-only shards; with "txt", samples without a caption are skipped)
+    caption_field: Optional[str] = "txt"
     label_field: Optional[str] = None  # a KEY.json field giving an integer class label
     num_workers: int = 2  # DataLoader workers per rank
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training-stream crop/flip (docs/training.md)
     # stage 2: train from this latent cache (`python train/cache_latents.py`) instead of decoding and encoding
     # data.shards; checked against the first stage, transform and conditioner at start (docs/training.md)
     latents: Optional[str] = None

@@ -14,7 +14,7 @@ def _setup(disc_start=0, lpips_net="alex", **loss_kwargs):  # alex: the cheapest
     torch.manual_seed(0)
     ae = AutoencoderKL(embed_dim=3, z_channels=3, **TINY)
     loss = AutoencoderLoss(disc_start=disc_start, disc_ndf=8, disc_num_layers=2, lpips_net=lpips_net,
-                           **loss_kwargs).train()
+                           lpips_pretrained=False, **loss_kwargs).train()  # offline: no backbone file
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     return ae, loss, x
 
@@ -27,7 +27,7 @@ def test_lpips_gradient_reaches_the_decoder():
     ae, loss, x = _setup(disc_start=10**9, lpips_net="vgg", pixel_weight=0.0, perceptual_weight=1.0)
     rec, posterior = ae(x, sample=False)
     total, logs = loss(x, rec, posterior, step=0, last_layer=ae.last_layer())
-    assert logs["lpips"] > 0
+    assert logs["lpips_random"] > 0 and "lpips" not in logs  # a random backbone is never named lpips
     # nll is LPIPS alone here (plus a KL term of weight 1e-6 that never reaches the decoder's last layer)
     assert _grad(total, ae.last_layer()).abs().sum() > 0
     assert all(not p.requires_grad for p in loss.lpips.parameters()) and not loss.lpips.training
@@ -105,14 +105,14 @@ def test_logvar_is_optimised():
 def test_vq_task_logs_and_evaluate():
     torch.manual_seed(0)
     ae = VQModel(n_embed=32, embed_dim=3, z_channels=3, **TINY)
-    loss = AutoencoderLoss(disc_start=0, disc_ndf=8, disc_num_layers=2, lpips_net="alex")
+    loss = AutoencoderLoss(disc_start=0, disc_ndf=8, disc_num_layers=2, lpips_net="alex", lpips_pretrained=False)
     task = AutoencoderTask(ae, loss).train()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     total, logs = task({"image": x}, step=0)
     assert total.dim() == 0 and {"codebook", "codebook_usage", "perplexity", "g", "d"} <= set(logs)
     task.eval()
     metrics = task.evaluate({"image": x})
-    assert set(metrics) == {"psnr", "ssim", "lpips", "codebook_usage", "perplexity"}
+    assert set(metrics) == {"psnr", "ssim", "lpips_random", "codebook_usage", "perplexity"}
     assert all(isinstance(v, float) for v in metrics.values())
     vis = task.visualize({"image": x})
     pairs = vis["reconstructions"]

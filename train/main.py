@@ -12,25 +12,31 @@ from contextlib import nullcontext
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, open_dict
 
-from ldm.config import ConfigError, check_targets, check_trainer, register_configs
+from ldm.config import ConfigError, register_configs
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:  # a wrong model key / type / value fails here, before any data or weights are touched
-        check_trainer(cfg)
-        check_targets(cfg.model.task, "model.task")
+    from ldm.training.preflight import preflight
+
+    hc = HydraConfig.get()
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    # A wrong key / type / value, a missing first stage, a batch the processes do not divide: one line,
+    # before any data or weights are touched. (Single runs were checked already, before Hydra made the run
+    # directory: ldm.training.preflight.Preflight in conf/train.yaml; sweeps are checked here, per job.)
+    try:
+        preflight(cfg, trainer_choice=hc.runtime.choices.get("trainer"), overrides=list(hc.overrides.task))
     except ConfigError as e:
-        raise SystemExit(f"[ldm] config error: {e}") from None
+        raise SystemExit(f"[ldm] config error: {e}" if rank0 else 1) from None
     from ldm.errors import RunError
     from ldm.training.lock import RunLock
     from ldm.training.loop import train  # imported here so `--cfg job` / `--help` stay instant
 
-    hc = HydraConfig.get()
     if hc.mode is not None and hc.mode.name == "MULTIRUN":
         with open_dict(cfg):  # each sweep job trains in its own (deterministic) sweep sub-directory
             cfg.run_dir = hc.runtime.output_dir
@@ -40,8 +46,11 @@ def main(cfg: DictConfig) -> None:
     try:
         with lock:
             train(cfg)
-    except (FileNotFoundError, RunError) as e:  # missing/bad files, divergence, data, lock: one line, no traceback
-        raise SystemExit(f"[ldm] {e}") from None
+    except Exception as e:  # missing/bad/unsafe files, divergence, data, lock: one line, no traceback
+        cause = e.__cause__ if isinstance(e, InstantiationException) else e  # raised inside a model's __init__
+        if isinstance(cause, (OSError, ValueError, RunError)):
+            raise SystemExit(f"[ldm] {cause}") from None
+        raise
 
 
 def relaunch_if_alone() -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
+import random
 
 import numpy as np
 import torch
@@ -56,6 +58,84 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+CROPS = ("center", "random", "random_resized")
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Random training transforms (`data.augment`). The defaults change nothing: centre crop, no flip.
+
+    flip: probability of a horizontal flip. Off by default because it breaks captions that say "left" or
+    "right" (a flipped "a cat on the left" shows the cat on the right).
+    crop: "center" | "random" (shorter side -> size, then a random square along the longer side) |
+    "random_resized" (torchvision's RandomResizedCrop: a random area fraction in `scale` and aspect ratio
+    in `ratio`, resized to size x size; for stage 1, where no caption describes the framing).
+    """
+
+    flip: float = 0.0
+    crop: str = "center"
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __post_init__(self):
+        if not 0.0 <= self.flip <= 1.0:
+            raise ValueError(f"data.augment.flip={self.flip}: a probability in [0, 1]")
+        if self.crop not in CROPS:
+            raise ValueError(f"data.augment.crop={self.crop!r}: one of {', '.join(CROPS)}")
+        for name, (low, high) in (("scale", self.scale), ("ratio", self.ratio)):
+            if not 0 < low <= high or (name == "scale" and high > 1):
+                raise ValueError(f"data.augment.{name}={[low, high]}: needs 0 < low <= high"
+                                 + (" <= 1" if name == "scale" else ""))
+
+    @property
+    def random(self) -> bool:
+        return self.flip > 0 or self.crop != "center"
+
+
+def random_resized_box(width: int, height: int, scale, ratio, rng: random.Random) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params with `rng`: (left, top, w, h) of a crop whose area is a
+    `scale` fraction of the image and whose aspect ratio is log-uniform in `ratio`; after 10 misses, the
+    largest centred crop within `ratio`."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    aspect = width / height
+    if aspect < ratio[0]:  # taller than allowed: full width
+        w, h = width, min(height, round(width / ratio[0]))
+    elif aspect > ratio[1]:  # wider than allowed: full height
+        w, h = min(width, round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def augment_image(image: Image.Image, size: int, augment: Augment | None, rng: random.Random | None) -> Image.Image:
+    """The training transform: crop (centre, random or random-resized) to size x size, then maybe flip.
+    `rng` is the sample's own generator (SampleDecoder.rng), so the result depends on the sample only."""
+    if augment is None or not augment.random:
+        return resize_center_crop(image, size)
+    if augment.crop == "random_resized":
+        left, top, w, h = random_resized_box(image.width, image.height, augment.scale, augment.ratio, rng)
+        image = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+    elif augment.crop == "random":
+        scale = size / min(image.size)
+        if scale != 1.0:
+            image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                                 Image.Resampling.BICUBIC)
+        left, top = rng.randint(0, image.width - size), rng.randint(0, image.height - size)
+        image = image.crop((left, top, left + size, top + size))
+    else:
+        image = resize_center_crop(image, size)
+    if rng.random() < augment.flip:  # drawn even when flip is 0 or 1: the draw count never depends on it
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 (3, H, W) in [-1, 1]."""
     array = np.asarray(image, dtype=np.uint8)
@@ -73,6 +153,13 @@ class SampleDecoder:
     image_size: int
     caption_field: str | None = "txt"  # "txt" | "json:<field>" | None (unconditional: empty captions)
     label_field: str | None = None  # a KEY.json field -> int label
+    augment: Augment | None = None  # random crop/flip (training only); None: centre crop
+    seed: int = 0  # with the epoch and the sample key, seeds the sample's augmentation
+
+    def rng(self, raw: dict) -> random.Random:
+        """The sample's own generator: a function of (seed, epoch, key), so a resumed run, another worker
+        count or a fast-forward draws exactly the same crops and flips. The loader stamps `__epoch__`."""
+        return random.Random(f"{self.seed}/augment/{raw.get('__epoch__', 0)}/{raw['__key__']}")
 
     def __call__(self, raw: dict) -> dict:
         member = self.content_member(raw)  # a sample without content is skipped before anything is decoded
@@ -92,8 +179,10 @@ class SampleDecoder:
         return extension
 
     def content(self, raw: dict, member: str) -> dict:
-        """{"image": float32 (3, image_size, image_size) in [-1, 1]}: resized, centre-cropped."""
-        return {"image": to_tensor(resize_center_crop(load_rgb(raw[member]), self.image_size))}
+        """{"image": float32 (3, image_size, image_size) in [-1, 1]}: resized and cropped (centre, or as
+        `augment` says, with the sample's own generator), maybe flipped."""
+        rng = self.rng(raw) if self.augment is not None and self.augment.random else None
+        return {"image": to_tensor(augment_image(load_rgb(raw[member]), self.image_size, self.augment, rng))}
 
     def _caption(self, raw: dict, meta: dict) -> str:
         if self.caption_field is None:

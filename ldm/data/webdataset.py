@@ -172,6 +172,8 @@ def read_captions(urls, caption_field: str = "txt", limit: int = 50_000) -> list
     explicit nodesplitter" in every multi-process job), so any rank can call it."""
     import json
 
+    if caption_field is None:  # data.caption_field=null: image-only shards have no captions to read
+        return []
     key, field = ("json", caption_field.split(":", 1)[1]) if caption_field.startswith("json:") else (caption_field, None)
     captions, counter = [], SkipCounter(worker=0)
     for url in sorted(expand_urls(urls)):
@@ -309,6 +311,7 @@ class ShardStream(IterableDataset):
             position += 1
             counter.read += 1
             try:
+                sample["__epoch__"] = epoch  # seeds the sample's augmentation (SampleDecoder.rng)
                 pending.append(self.decoder(sample))
             except SkipSample as skip:
                 counter.skip(skip.kind, sample.get("__url__", "?"), sample.get("__key__", "?"), skip.detail)

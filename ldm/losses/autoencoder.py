@@ -21,6 +21,7 @@ from torch.func import functional_call
 
 from ldm.losses.discriminator import NLayerDiscriminator
 from ldm.losses.lpips import build_lpips
+from ldm.metrics.image import lpips_metric_name
 from ldm.models.autoencoder import DiagonalGaussianDistribution
 
 
@@ -47,12 +48,15 @@ class AutoencoderLoss(nn.Module):
     mean(nll) : mean(codebook) balance under our per-image-sum nll. disc_start: first step of the GAN.
     pixel_loss: "l1" (paper) or "l2" (squared error, as in the SD VAE's ft-MSE fine-tune; on the demo's
     flat-background shapes L1 stayed near 18 dB for 1500 steps where L2 reached 24 dB by step 1000; docs/demo.md).
+    lpips_pretrained: the published LPIPS (torchvision's pretrained backbone, fetched if not cached, else the
+    run stops saying where to put it) or, with False, a seeded random backbone, logged as `lpips_random`.
     """
 
     def __init__(self, disc_start: int, kl_weight: float = 1e-6, codebook_weight: float = 1.0,
                  pixel_weight: float = 1.0, perceptual_weight: float = 1.0, disc_weight: float = 0.5,
                  disc_factor: float = 1.0, disc_num_layers: int = 3, disc_ndf: int = 64,
-                 logvar_init: float = 0.0, lpips_net: str = "vgg", pixel_loss: str = "l1"):
+                 logvar_init: float = 0.0, lpips_net: str = "vgg", pixel_loss: str = "l1",
+                 lpips_pretrained: bool = True):
         super().__init__()
         if pixel_loss not in ("l1", "l2"):
             raise ValueError(f"pixel_loss must be 'l1' (paper) or 'l2' (squared error), got {pixel_loss!r}")
@@ -60,7 +64,8 @@ class AutoencoderLoss(nn.Module):
         self.disc_start, self.kl_weight, self.codebook_weight = disc_start, kl_weight, codebook_weight
         self.pixel_weight, self.perceptual_weight = pixel_weight, perceptual_weight
         self.disc_weight, self.disc_factor = disc_weight, disc_factor
-        self.lpips = build_lpips(lpips_net) if perceptual_weight > 0 else None
+        self.lpips = build_lpips(lpips_net, pretrained=lpips_pretrained) if perceptual_weight > 0 else None
+        self.lpips_name = lpips_metric_name(self.lpips)
         self.discriminator = NLayerDiscriminator(input_nc=3, ndf=disc_ndf, n_layers=disc_num_layers)
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
 
@@ -107,7 +112,8 @@ class AutoencoderLoss(nn.Module):
 
         generator_loss = nll + reg_loss + d_weight * disc_factor * g_loss
         loss = generator_loss + d_loss
-        logs.update(loss=loss, rec=error.abs().mean(), lpips=lpips.mean(), nll=nll,
+        logs[self.lpips_name] = lpips.mean()
+        logs.update(loss=loss, rec=error.abs().mean(), nll=nll,
                     g=g_loss, d=d_loss, d_weight=d_weight, disc_factor=torch.tensor(disc_factor),
                     logvar=self.logvar, **reg_logs)
         return loss, {name: value.detach() for name, value in logs.items()}

@@ -49,6 +49,12 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = 11, sigma: float =
     return ssim_map.mean(dim=(1, 2, 3)).float()
 
 
+def lpips_metric_name(lpips_model: torch.nn.Module | None) -> str:
+    """`lpips` for the published metric (pretrained backbone), `lpips_random` for a random backbone, so a
+    number from a random LPIPS is never reported under the published name."""
+    return "lpips" if getattr(lpips_model, "pretrained", False) else "lpips_random"
+
+
 def lpips_distance(lpips_model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """LPIPS per image for images in [-1, 1] with a module from `ldm.losses.lpips.build_lpips`."""
     return lpips_model(x.float(), y.float()).flatten()

@@ -72,7 +72,8 @@ class AutoencoderTask(Task):
         metrics = {"psnr": psnr(images, reconstructions).mean().item(),
                    "ssim": ssim(images, reconstructions).mean().item()}
         if self.loss.lpips is not None:
-            metrics["lpips"] = lpips_distance(self.loss.lpips, images, reconstructions).mean().item()
+            # `lpips`, or `lpips_random` when the backbone is random (model.task.loss.lpips_pretrained=false)
+            metrics[self.loss.lpips_name] = lpips_distance(self.loss.lpips, images, reconstructions).mean().item()
         if isinstance(regularization, dict):  # VQ: how much of the codebook the data uses
             metrics["codebook_usage"] = float(regularization["usage"])
             metrics["perplexity"] = float(regularization["perplexity"])

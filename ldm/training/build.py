@@ -105,7 +105,7 @@ def build_train_loader(cfg, micro_batch: int, rank: int, world_size: int):
     """Batches of data.shards' images, or of the latent cache `data.latents` (a missing or incomplete cache
     fails here; whether it is stale is checked against the task: `check_cache`)."""
     d = cfg.data
-    shards, decoder = d.shards, None
+    shards, decoder = d.shards, augmenting_decoder(cfg)
     if d.get("latents"):
         from ldm.data.latent_cache import LatentSampleDecoder, cache_shards
 
@@ -116,6 +116,21 @@ def build_train_loader(cfg, micro_batch: int, rank: int, world_size: int):
                         resample=d.resample, caption_field=d.caption_field, label_field=d.label_field,
                         pin_memory=torch.cuda.is_available(),  # page-locked batches: to_device copies without blocking
                         decoder=decoder)
+
+
+def augmenting_decoder(cfg):
+    """The training stream's image decoder with `data.augment` (None when it changes nothing)."""
+    from ldm.data.decode import Augment, SampleDecoder
+
+    a = cfg.data.get("augment")
+    if a is None:
+        return None
+    augment = Augment(flip=float(a.flip), crop=str(getattr(a.crop, "value", a.crop)), scale=tuple(a.scale),
+                      ratio=tuple(a.ratio))
+    if not augment.random:
+        return None
+    return SampleDecoder(cfg.data.image_size, cfg.data.caption_field, cfg.data.label_field, augment=augment,
+                         seed=cfg.trainer.seed)
 
 
 def build_eval_loader(cfg, batch_size: int, shards: str | None = None):

@@ -1,0 +1,141 @@
+"""Mistakes a user makes with train/main.py end in ONE `[ldm] …` line and a non-zero exit, never a
+traceback. Config mistakes are caught before Hydra makes the run directory (ldm/training/preflight.py)."""
+import json
+import os
+import pickle
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.launch import ENV, launch_cmd, run
+
+NO_GPU = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, also on a GPU machine
+
+
+def data_args(shards):
+    return ["data=shapes", f"data.shards='{shards['train']}'", f"data.val_shards='{shards['val']}'",
+            "data.image_size=32", "data.num_workers=0", "logger=none"]
+
+
+def one_line(proc) -> str:
+    """The single `[ldm]` line of a clean failure (non-zero exit, no traceback)."""
+    assert proc.returncode not in (0, None), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("[ldm]")]
+    assert len(lines) == 1, lines
+    assert proc.stderr.strip().splitlines()[-1] == lines[0]
+    return lines[0]
+
+
+def read_only_runs(tmp_path) -> str:
+    """A folder nothing can be created in: a 0555 folder, or (root ignores modes) one inside sysfs."""
+    if os.geteuid() == 0:
+        return "/sys/ldm-runs"
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder / "runs")
+
+
+CONFIG_CASES = {
+    "stage 2 without a first stage": (["model=ldm_txt2img_tiny", "trainer=debug"],
+                                      "[ldm] config error: model.first_stage.ckpt is not set: model=ldm_txt2img_tiny"),
+    "fsdp on stage 1": (["model=autoencoder_kl_tiny", "trainer=debug", "trainer.strategy=fsdp"],
+                        "[ldm] config error: trainer.strategy=fsdp: model=autoencoder_kl_tiny (AutoencoderTask) names "
+                        "no modules to shard"),
+    "GPU trainer defaults on a CPU": (["model=autoencoder_kl_tiny"],
+                                      "[ldm] config error: no GPU here, and trainer=default is sized for GPUs"),
+    "random crop with a latent cache": (["model=autoencoder_kl_tiny", "trainer=debug", "data.latents=/tmp/none",
+                                         "data.augment.crop=random"], "[ldm] config error: data.latents=/tmp/none "
+                                                                       "with data.augment"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_config_mistake_is_one_line_before_the_run_dir_exists(case, shapes_shards, tmp_path):
+    overrides, expected = CONFIG_CASES[case]
+    run_dir = tmp_path / "run"
+    line = one_line(run([sys.executable, "train/main.py", *data_args(shapes_shards), f"run_dir={run_dir}", *overrides],
+                        check=False, env=NO_GPU, timeout=300))
+    assert line.startswith(expected), line
+    assert not run_dir.exists()  # checked before Hydra makes it: no .hydra/, no main.log, no lock
+
+
+def test_read_only_runs_folder(shapes_shards, tmp_path):
+    runs = read_only_runs(tmp_path)
+    line = one_line(run([sys.executable, "train/main.py", "model=autoencoder_kl_tiny", "trainer=debug",
+                         *data_args(shapes_shards), f"paths.runs={runs}"], check=False, env=NO_GPU, timeout=300))
+    assert line.startswith(f"[ldm] config error: cannot write the run directory {runs}/autoencoder_kl_tiny-shapes")
+    assert "paths.runs=" in line
+
+
+def test_folder_of_images_as_shards_says_how_to_make_shards(shapes_shards, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not really")
+    line = one_line(run([sys.executable, "train/main.py", "model=autoencoder_kl_tiny", "trainer=debug",
+                         *data_args(shapes_shards), f"data.shards={folder}", f"run_dir={tmp_path / 'run'}"],
+                        check=False, env=NO_GPU, timeout=300))
+    assert f"python -m data.make_shards {folder} --out {folder}-shards" in line, line
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER` (what a hostile checkpoint does)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _hostile_autoencoder(path, victim):
+    from ldm.models.autoencoder import CONFIG_METADATA_KEY
+
+    config = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+    save_file({"w": torch.zeros(1)}, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(config)})
+
+
+@pytest.mark.parametrize("case", ["unsafe .ckpt first stage", "unsafe .bin init_from", "hostile _target_"])
+def test_unsafe_weight_files_are_refused_in_one_line(case, shapes_shards, tiny_autoencoder, tmp_path):
+    marker, victim = tmp_path / "PWNED", tmp_path / "victim.txt"
+    victim.write_text("precious")
+    first_stage, extra = tiny_autoencoder, []
+    if case == "unsafe .ckpt first stage":
+        first_stage = tmp_path / "first_stage.ckpt"
+        first_stage.write_bytes(pickle.dumps({"state_dict": Payload(marker)}))
+        expected = f"[ldm] {first_stage} cannot be read with torch.load(weights_only=True)"
+    elif case == "unsafe .bin init_from":
+        evil = tmp_path / "unet.bin"
+        evil.write_bytes(pickle.dumps({"state_dict": Payload(marker)}))
+        extra = [f"model.init_from={evil}"]
+        expected = f"[ldm] {evil} cannot be read with torch.load(weights_only=True)"
+    else:
+        first_stage = tmp_path / "first_stage.safetensors"
+        _hostile_autoencoder(first_stage, victim)
+        expected = f"[ldm] {first_stage}: its metadata names `_target_` 'builtins.open', which is not an autoencoder"
+    line = one_line(run([sys.executable, "train/main.py", "model=ldm_txt2img_tiny", "trainer=debug",
+                         *data_args(shapes_shards), f"model.first_stage.ckpt={first_stage}", *extra,
+                         f"run_dir={tmp_path / 'run'}"], check=False, env=NO_GPU, timeout=300))
+    assert line.startswith(expected), line
+    assert not marker.exists() and victim.read_text() == "precious"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_global_batch_three_processes_do_not_divide(shapes_shards, tmp_path):
+    """3 CPU processes, global batch 4: rank 0 says it once, before loading anything; the other ranks exit
+    quietly. (`accelerate launch` itself then reports the failed children: its ChildFailedError.)"""
+    proc = run(launch_cmd(3, "model=autoencoder_kl_tiny", "trainer=debug", "trainer.batch_size=4",
+                          *data_args(shapes_shards), f"run_dir={tmp_path / 'run'}"), check=False, env=NO_GPU,
+               timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("[ldm]")]
+    assert lines == ["[ldm] config error: trainer.batch_size=4 (the global batch) does not split over 3 process(es): "
+                     "use a multiple of 3"], lines
+    # the only traceback is the launcher's own report of failed children, none from our processes
+    assert proc.stderr.count("Traceback") == 1 and "ChildFailedError" in proc.stderr, proc.stderr[-3000:]
+    assert "File \"" + os.path.join("train", "main.py") not in proc.stderr
+    assert not (tmp_path / "run").exists()
