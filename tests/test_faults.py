@@ -519,3 +519,59 @@ def test_sample_cli_validates_options(tmp_path, override, message):
     proc = subprocess.run([sys.executable, "train/sample.py", f"run_dir={tmp_path}", f"out_dir={tmp_path / 'out'}",
                            "prompts=[x]", override], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert failed(proc).startswith(f"[ldm] {message}")
+
+
+# -------------------------------------------------------------------------- verified reads, clear OS errors
+def _flip_exponent_of_each(directory: Path, member: str) -> int:
+    """Flip bit 30 (the top exponent bit) of the last float32 of every `member` in the tars of `directory`,
+    in place (tar headers untouched): a value near 1 becomes ~1e38, finite. Returns how many were hit."""
+    import tarfile
+
+    hits = 0
+    for tar in sorted(directory.glob("*.tar")):
+        with tarfile.open(tar) as archive:
+            offsets = [m.offset_data + m.size - 1 for m in archive.getmembers() if m.name.endswith("." + member)]
+        data = bytearray(tar.read_bytes())
+        for at in offsets:
+            data[at] ^= 0x40
+        tar.write_bytes(bytes(data))
+        hits += len(offsets)
+    return hits
+
+
+def test_damaged_latent_cache_is_named_not_trained_on(shapes_shards, tiny_autoencoder, tmp_path):
+    """One exponent byte flipped in each cached mean.npy: the run stops with a line naming a shard and the
+    checksum, instead of training to the end on latents of 1e38."""
+    from ldm.training.cache_latents import build_cache
+    from train.cache_latents import compose_train_config
+
+    cache = tmp_path / "latents"
+    stage2 = [*LDM, f"model.first_stage.ckpt={tiny_autoencoder}"]
+    build_cache(compose_train_config([*stage2, *data_args(shapes_shards)]), cache, batch_size=64)
+    assert _flip_exponent_of_each(cache, "mean.npy") == 192
+    proc = cli(shapes_shards, tmp_path / "run", "trainer.max_steps=2", f"data.latents={cache}", model=stage2)
+    line = failed(proc)
+    assert "checksum_error" in line and re.search(r"latents-0000\d\d\.tar key \S+: mean\.npy does not match", line)
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_one_damaged_cache_shard_is_skipped_counted_and_named(shapes_shards, tiny_autoencoder, tmp_path, caplog):
+    from ldm.data.latent_cache import LatentSampleDecoder, cache_shards
+    from ldm.data.webdataset import build_loader
+    from ldm.training.cache_latents import build_cache
+    from train.cache_latents import compose_train_config
+
+    cache = tmp_path / "latents"
+    stage2 = [*LDM, f"model.first_stage.ckpt={tiny_autoencoder}"]
+    build_cache(compose_train_config([*stage2, *data_args(shapes_shards)]), cache, batch_size=64)
+    one = tmp_path / "one"
+    one.mkdir()
+    os.replace(cache / "latents-000003.tar", one / "latents-000003.tar")
+    assert _flip_exponent_of_each(one, "mean.npy") == 24
+    os.replace(one / "latents-000003.tar", cache / "latents-000003.tar")
+    loader = build_loader(cache_shards(cache), batch_size=8, image_size=32, num_workers=0, epochs=1,
+                          decoder=LatentSampleDecoder(32, "txt", None))
+    means = torch.cat([batch["latent_mean"] for batch in loader])
+    assert means.shape[0] == 192 - 24 and means.abs().max() < 1e3  # the other shards, none of the damage
+    assert loader.skipped["checksum_error"] == 24 and sum(loader.skipped.values()) == 24
+    assert any("latents-000003.tar" in r.getMessage() and "checksum_error" in r.getMessage() for r in caplog.records)

@@ -25,6 +25,7 @@ import webdataset as wds
 from torch import nn
 
 from ldm.data.decode import IMAGE_EXTENSIONS, SKIP_KINDS, SampleDecoder
+from ldm.data.integrity import SUMS_MEMBER, file_crc32, member_sums
 from ldm.data.latent_cache import (CACHE_VERSION, MANIFEST, SHARD_NAME, cache_key, cache_key_parts, caches_context,
                                    npy_bytes, pixel_conditioner, source_urls)
 from ldm.data.webdataset import build_loader
@@ -72,11 +73,13 @@ def _record(out: Path, index: int) -> dict | None:
         return None
 
 
-def _done(out: Path, index: int, key: str, source: str) -> bool:
-    """The shard's record is there, for this key and source, and its tar has the recorded size."""
+def _done(out: Path, index: int, key: str, source: str, verify: bool = False) -> bool:
+    """The shard's record is there, for this key and source, and its tar has the recorded size (and, with
+    `verify`, the recorded CRC-32: a rebuild re-encodes a damaged shard instead of keeping it)."""
     record, tar = _record(out, index), out / SHARD_NAME.format(index)
-    return (record is not None and record.get("key") == key and record.get("source") == source
+    done = (record is not None and record.get("key") == key and record.get("source") == source
             and tar.is_file() and tar.stat().st_size == record.get("bytes"))
+    return done and (not verify or file_crc32(tar) == record.get("crc32"))
 
 
 @torch.no_grad()
@@ -105,10 +108,11 @@ def encode_shard(source: str, target: Path, cfg, first_stage, conditioner, with_
             for i, key in enumerate(batch["key"]):
                 sample = {"__key__": key, **batch["members"][i]}
                 sample.update({name: npy_bytes(array[i]) for name, array in arrays.items()})
+                sample[SUMS_MEMBER] = member_sums(sample)  # checked by the training loader before use
                 sink.write(sample)
                 count += 1
     os.replace(tmp, target)
-    return {"count": count, "skipped": loader.skipped, "bytes": target.stat().st_size}
+    return {"count": count, "skipped": loader.skipped, "bytes": target.stat().st_size, "crc32": file_crc32(target)}
 
 
 def build_cache(cfg, out_dir: str | os.PathLike | None = None, rank: int | None = None, world: int | None = None,
@@ -147,7 +151,7 @@ def build_cache(cfg, out_dir: str | os.PathLike | None = None, rank: int | None 
     print(f"[ldm] latent cache {out}: rank {rank}/{world} encodes {len(mine)} of {len(sources)} shard(s) on {device}"
           + (", with the frozen conditioner's context" if with_context else ""), flush=True)
     for i in mine:
-        if _done(out, i, key, sources[i]):
+        if _done(out, i, key, sources[i], verify=True):
             continue
         start = time.perf_counter()
         target = out / SHARD_NAME.format(i)
@@ -165,7 +169,7 @@ def build_cache(cfg, out_dir: str | os.PathLike | None = None, rank: int | None 
     manifest = {"version": CACHE_VERSION, "key": key, "parts": parts, "dtype": "float32",
                 "sources": sources, "count": sum(r["count"] for r in records),
                 "skipped": {k: sum(r["skipped"].get(k, 0) for r in records) for k in SKIP_KINDS},
-                "shards": [{k: r[k] for k in ("file", "source", "count", "bytes", "skipped")} for r in records]}
+                "shards": [{k: r[k] for k in ("file", "source", "count", "bytes", "crc32", "skipped")} for r in records]}
     _write_json(manifest_path, manifest)
     skipped = {k: n for k, n in manifest["skipped"].items() if n} or "none"
     print(f"[ldm] {manifest_path}: {manifest['count']} samples in {len(records)} shard(s), skipped {skipped}; "
