@@ -575,3 +575,48 @@ def test_one_damaged_cache_shard_is_skipped_counted_and_named(shapes_shards, tin
     assert means.shape[0] == 192 - 24 and means.abs().max() < 1e3  # the other shards, none of the damage
     assert loader.skipped["checksum_error"] == 24 and sum(loader.skipped.values()) == 24
     assert any("latents-000003.tar" in r.getMessage() and "checksum_error" in r.getMessage() for r in caplog.records)
+
+
+def _flip_bytes(path: Path, count: int = 4) -> None:
+    """Flip `count` bytes spread over the tensor data of a safetensors file (its JSON header untouched)."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    for k in range(count):
+        data[start + (len(data) - start) * (2 * k + 1) // (2 * count)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_autoencoder_file_is_named_through_the_cli(shapes_shards, tiny_autoencoder, tmp_path):
+    from ldm.data.integrity import TENSORS_CHECKSUM_KEY, safetensors_metadata
+
+    bad = tmp_path / "autoencoder.safetensors"
+    shutil.copy(tiny_autoencoder, bad)
+    assert TENSORS_CHECKSUM_KEY in safetensors_metadata(bad)
+    _flip_bytes(bad)
+    line = failed(cli(shapes_shards, tmp_path / "run", "trainer.max_steps=1",
+                      model=[*LDM, f"model.first_stage.ckpt={bad}"]))
+    assert line.startswith("[ldm]") and f"{bad} is corrupt" in line and "checksum" in line
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_files_without_a_checksum_still_load_and_exports_are_verified(tiny_autoencoder, tmp_path):
+    """Older and foreign files (no checksum in the metadata) load as before; an exported diffusers folder
+    carries one, and a flipped byte in it is named by ldm.convert."""
+    from ldm.convert import load_autoencoder as load_converted
+    from ldm.convert.export import vae_to_diffusers
+    from ldm.data.integrity import TENSORS_CHECKSUM_KEY
+    from ldm.models.autoencoder import load_autoencoder
+    from ldm.training.export import _write_model
+
+    state = load_file(tiny_autoencoder)
+    with __import__("safetensors").safe_open(str(tiny_autoencoder), "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != TENSORS_CHECKSUM_KEY}
+    save_file(state, str(tmp_path / "old.safetensors"), metadata=metadata)
+    model = load_autoencoder(tmp_path / "old.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    _write_model(tmp_path / "vae", *vae_to_diffusers(model))
+    load_converted(tmp_path / "vae")  # verifies
+    _flip_bytes(tmp_path / "vae/diffusion_pytorch_model.safetensors", count=1)
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "vae/diffusion_pytorch_model.safetensors"))
+                       + " is corrupt"):
+        load_converted(tmp_path / "vae")

@@ -20,6 +20,7 @@ from torch import nn
 
 from ldm.convert import arch as archs
 from ldm.convert import keymap
+from ldm.data.integrity import safetensors_metadata, verify_tensors
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 VAE_STATE_BUFFERS = ("scale_factor", "latent_mean", "latent_std")  # ours, not part of any pretrained VAE file
@@ -43,7 +44,9 @@ def read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        state = load_file(str(path))
+        verify_tensors(path, state, safetensors_metadata(path))  # files written by ldm carry a CRC-32
+        return state
     if path.suffix not in TORCH_SUFFIXES:
         raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors or one of "
                          f"{TORCH_SUFFIXES} (or a diffusers folder)")

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ldm.data.integrity import verify_tensors, with_checksum
 from ldm.modules.ae_blocks import Decoder, Encoder
 from ldm.modules.quantize import VectorQuantizer
 
@@ -149,8 +150,8 @@ def save_autoencoder(model: nn.Module, path: str | os.PathLike, config: Mapping[
         kept = "the existing file is untouched" if os.path.exists(path) else "no file was written"
         raise NonFiniteError(f"refusing to write {path}: non-finite values in {bad[:5]}; {kept}")
     tmp = f"{path}.tmp"
-    metadata = {CONFIG_METADATA_KEY: json.dumps(dict(config)), SAMPLE_METADATA_KEY: json.dumps(bool(sample_posterior)),
-                "format": "pt"}
+    metadata = with_checksum(state, {CONFIG_METADATA_KEY: json.dumps(dict(config)),  # verified by load_autoencoder
+                                     SAMPLE_METADATA_KEY: json.dumps(bool(sample_posterior)), "format": "pt"})
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         save_file(state, tmp, metadata=metadata)
@@ -230,6 +231,7 @@ def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device =
         raise ValueError(f"{path}: the autoencoder config in its metadata is not JSON ({e})") from None
     model = build_from_config(config, path)
     state = load_file(path, device=str(map_location))
+    verify_tensors(path, state, metadata)  # flipped bytes name the file instead of loading silently
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     mismatched = [f"{name}: file {tuple(state[name].shape)} vs model {tuple(expected[name].shape)}"
