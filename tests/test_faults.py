@@ -620,3 +620,57 @@ def test_files_without_a_checksum_still_load_and_exports_are_verified(tiny_autoe
     with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "vae/diffusion_pytorch_model.safetensors"))
                        + " is corrupt"):
         load_converted(tmp_path / "vae")
+
+
+def test_odd_headed_single_file_is_refused_not_guessed(tmp_path):
+    """A CompVis-layout UNet file with 4 heads and 8 GroupNorm groups (SD has 8 and 32), and one with linear
+    projections 32 channels wide (SD-2's 64-channel heads do not fit): the shapes identify no released layout,
+    so loading without a config asks for it; with the config it is exact."""
+    from ldm.convert import arch as archs
+    from ldm.convert import load_unet
+    from ldm.models.unet import UNetModel
+
+    torch.manual_seed(0)
+    odd = UNetModel(4, 4, 32, 1, [1], [1, 2], num_heads=4, context_dim=24, norm_groups=8).eval()
+    save_file({"model.diffusion_model." + k: v for k, v in odd.state_dict().items()}, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(archs.ArchitectureError) as error:
+        load_unet(tmp_path / "odd.safetensors")
+    message = str(error.value)
+    assert str(tmp_path / "odd.safetensors") in message and "not a layout ldm knows" in message
+    assert "YAML" in message and "num_heads" in message and "norm_groups" in message and "\n" not in message
+    with pytest.raises(archs.ArchitectureError, match="norm_groups"):  # the heads alone are still half a guess
+        load_unet(tmp_path / "odd.safetensors", config={"num_heads": 4})
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        given = load_unet(tmp_path / "odd.safetensors", config={"num_heads": 4, "norm_groups": 8})
+        assert torch.equal(given(x, t, context), odd(x, t, context))
+
+    narrow = UNetModel(4, 4, 32, 1, [1], [1, 2], num_head_channels=8, context_dim=24, use_linear_in_transformer=True,
+                       norm_groups=8)
+    save_file({"model.diffusion_model." + k: v for k, v in narrow.state_dict().items()},
+              str(tmp_path / "narrow.safetensors"))
+    with pytest.raises(archs.ArchitectureError, match="not a layout ldm knows"):  # was a bare ZeroDivisionError
+        load_unet(tmp_path / "narrow.safetensors")
+    with pytest.raises(archs.ArchitectureError, match="does not split 32 channels into whole heads"):
+        load_unet(tmp_path / "narrow.safetensors", config={"num_head_channels": 64, "norm_groups": 8})
+
+
+def test_odd_first_stage_file_is_one_line_through_the_cli(shapes_shards, tmp_path):
+    from ldm.models.autoencoder import AutoencoderKL
+
+    vae = AutoencoderKL(embed_dim=4, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, norm_groups=8)
+    save_file({"first_stage_model." + k: v for k, v in vae.state_dict().items()}, str(tmp_path / "vae.safetensors"))
+    line = failed(cli(shapes_shards, tmp_path / "run", "trainer.max_steps=1",
+                      model=[*LDM, f"model.first_stage.ckpt={tmp_path / 'vae.safetensors'}"]))
+    assert f"{tmp_path / 'vae.safetensors'}: its autoencoder" in line and "not a layout ldm knows" in line
+    assert "norm_groups" in line and "save_autoencoder" in line
+
+
+def test_known_first_stage_layouts_are_the_compvis_presets():
+    """KNOWN_AUTOENCODERS (loaded from single files without a config) are conf/model's CompVis first stages."""
+    from ldm.convert import arch as archs
+
+    for name, layout in archs.KNOWN_AUTOENCODERS.items():
+        preset = compose_cfg(f"model=autoencoder_{name.split()[0].lower().replace('-', '_')}").model.task.autoencoder
+        assert {k: (list(v) if k in ("ch_mult", "attn_resolutions") else v) for k, v in preset.items() if k in layout} \
+            == layout and preset.resolution == 256, name

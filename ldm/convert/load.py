@@ -21,6 +21,7 @@ from torch import nn
 from ldm.convert import arch as archs
 from ldm.convert import keymap
 from ldm.data.integrity import safetensors_metadata, verify_tensors
+from ldm.errors import RunError
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 VAE_STATE_BUFFERS = ("scale_factor", "latent_mean", "latent_std")  # ours, not part of any pretrained VAE file
@@ -31,8 +32,9 @@ WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 
 
-class CheckpointMismatchError(ValueError):
-    """Weights whose names or shapes do not fit the model; the message lists every offending key."""
+class CheckpointMismatchError(ValueError, RunError):
+    """Weights whose names or shapes do not fit the model; the message lists every offending key (a RunError:
+    the CLIs print it as one line)."""
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -154,12 +156,15 @@ def load_unet(path: str | os.PathLike, strict: bool = True, ema: bool = False,
             raise CheckpointMismatchError(f"{path} has no EMA weights (no model_ema.* keys, no unet_ema/ folder)")
         state = ema_state
     overrides = dict(config or {})
-    if arch is None:
-        arch = archs.infer_unet_arch(state, overrides)
+    if arch is None:  # a single file: only a released layout loads without its head split and groups
+        arch = archs.infer_unet_arch(state, overrides, where=str(path))
+        if "norm_groups" not in overrides and archs.known_unet_layout(arch) is None:
+            raise archs.unknown_unet_layout(str(path), arch)
     else:
         if {"num_heads", "num_head_channels"} & set(overrides):  # one head split replaces the other
             arch.update(num_heads=-1, num_head_channels=-1)
         arch.update(overrides)
+    archs.check_head_split(arch, str(path))
     model = UNetModel(**arch)
     load_checked(model, state, strict, str(path))
     return model.eval()
@@ -201,8 +206,10 @@ def load_autoencoder(path: str | os.PathLike, strict: bool = True,
         yaml = archs.compvis_yaml(os.fspath(config))
         config, scale_factor = yaml.get("autoencoder", {}), yaml.get("scale_factor", scale_factor)
     state, arch, source_scale = read_vae_weights(path)
-    arch = arch or archs.infer_vae_arch(state, **{k: v for k, v in (config or {}).items()
-                                                  if k in ("resolution", "norm_groups")})
+    if arch is None:  # a single file: only a released layout loads without its GroupNorm groups
+        arch = archs.infer_vae_arch(state, **{k: v for k, v in (config or {}).items() if k in ("resolution", "norm_groups")})
+        if "norm_groups" not in (config or {}) and archs.known_autoencoder_layout(arch) is None:
+            raise archs.unknown_autoencoder_layout(str(path), arch)
     arch.update(config or {})
     model = VQModel(**arch) if "n_embed" in arch else AutoencoderKL(**arch)
     load_checked(model, state, strict, str(path), skip=VAE_STATE_BUFFERS + VQ_STATE_BUFFERS)
@@ -211,9 +218,10 @@ def load_autoencoder(path: str | os.PathLike, strict: bool = True,
     return model.eval()
 
 
-def load_first_stage(path: str | os.PathLike) -> nn.Module:
+def load_first_stage(path: str | os.PathLike, config: Mapping[str, Any] | str | os.PathLike | None = None) -> nn.Module:
     """`model.first_stage.ckpt`: our `autoencoder.safetensors` (config in its metadata, KL or VQ), a
-    CompVis/Stability file (SD VAE inside `first_stage_model.*`, or stand-alone), or a diffusers folder."""
+    CompVis/Stability file (SD VAE inside `first_stage_model.*`, or stand-alone), or a diffusers folder.
+    `config`: as for `load_autoencoder`, for a single file of a layout its shapes do not identify."""
     from ldm.models.autoencoder import CONFIG_METADATA_KEY, HOW_TO_GET_ONE
     from ldm.models.autoencoder import load_autoencoder as load_ours
 
@@ -227,7 +235,7 @@ def load_first_stage(path: str | os.PathLike) -> nn.Module:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no first-stage autoencoder at {path}: give our autoencoder.safetensors "
                                 f"({HOW_TO_GET_ONE}), an SD checkpoint (.safetensors/.ckpt) or a diffusers folder")
-    return load_autoencoder(path)
+    return load_autoencoder(path, config=config)
 
 
 # ------------------------------------------------------------------------------------------------ checks
