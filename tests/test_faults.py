@@ -674,3 +674,91 @@ def test_known_first_stage_layouts_are_the_compvis_presets():
         preset = compose_cfg(f"model=autoencoder_{name.split()[0].lower().replace('-', '_')}").model.task.autoencoder
         assert {k: (list(v) if k in ("ch_mult", "attn_resolutions") else v) for k, v in preset.items() if k in layout} \
             == layout and preset.resolution == 256, name
+
+
+WRITES = """
+import sys, torch
+from ldm.errors import RunError, write_error_message
+from ldm.models.autoencoder import AutoencoderKL, save_autoencoder
+out = sys.argv[1]
+try:  # safetensors quotes the errno
+    save_autoencoder(AutoencoderKL(embed_dim=4, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4),
+                     out + "/autoencoder.safetensors", {"_target_": "ldm.models.autoencoder.AutoencoderKL"})
+except RunError as e:
+    print("autoencoder:", e)
+try:  # torch.save drops it ("inline_container.cc ... unexpected pos"): read off the filesystem
+    torch.save({"w": torch.zeros(1 << 20)}, out + "/training.pt")
+except RuntimeError as e:
+    print("torch:", str(e).splitlines()[0], "->", write_error_message(e, out + "/training.pt"))
+"""
+
+
+def _limited(limit, *args, **kwargs):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                          preexec_fn=_file_size_limit(limit), **kwargs)
+
+
+def test_file_size_limit_in_saves_and_the_cache_names_the_reason_and_path(shapes_shards, tiny_autoencoder, tmp_path):
+    """RLIMIT_FSIZE (works with or without root): every write past the limit fails with EFBIG, as a full disk
+    fails with ENOSPC. The message is the OS's reason and the path, never torch's `inline_container.cc`."""
+    out = _limited(1 << 16, "-c", WRITES, str(tmp_path)).stdout
+    assert f"autoencoder: could not write {tmp_path / 'autoencoder.safetensors'}: File too large (EFBIG)" in out
+    assert "no file was written" in out and not list(tmp_path.glob("autoencoder.safetensors*"))
+    torch_line = next(line for line in out.splitlines() if line.startswith("torch:"))
+    assert "inline_container" in torch_line  # what torch says ...
+    assert torch_line.endswith(f"-> could not write {tmp_path / 'training.pt'}: File too large (EFBIG): this process "
+                               "may write files of at most 65536 bytes (ulimit -f)")  # ... and what we say
+
+    cache = tmp_path / "latents"  # batch 1: the loader worker's shared-memory batches stay under the limit too
+    proc = _limited(1 << 15, "train/cache_latents.py", *LDM, f"model.first_stage.ckpt={tiny_autoencoder}",
+                    *data_args(shapes_shards), "--out", str(cache), "--batch-size", "1")
+    line = failed(proc)
+    assert re.fullmatch(rf"\[ldm\] could not write {re.escape(str(cache))}/latents-000000\.tar\.\d+\.tmp: File too large "
+                        r"\(EFBIG\): this process may write files of at most 32768 bytes \(ulimit -f\); the shards "
+                        r"recorded so far are kept: rerun .*", line), line
+    assert not list(cache.glob("*.tmp"))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (a real full disk: ENOSPC) and a read-only one (EROFS). Mounting needs CAP_SYS_ADMIN;
+    without it these faults are only reachable by the RLIMIT test above."""
+    mounts = {"full": tmp_path / "full", "ro": tmp_path / "ro"}
+    done = []
+    try:
+        for name, options in (("full", "size=1m"), ("ro", "ro,size=1m")):
+            mounts[name].mkdir()
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mounts[name])],
+                              capture_output=True).returncode:
+                pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN); the RLIMIT_FSIZE test covers the "
+                            "messages")
+            done.append(mounts[name])
+        yield mounts
+    finally:
+        for mount in done:
+            subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_full_and_read_only_disks_are_named(small_tmpfs, tiny_autoencoder):
+    from ldm.errors import CheckpointWriteError, write_error_message
+    from ldm.models.autoencoder import load_autoencoder, save_autoencoder
+    from ldm.training.export import _write_model
+
+    model = load_autoencoder(tiny_autoencoder)
+    config = {"_target_": "ldm.models.autoencoder.AutoencoderKL", "embed_dim": 4}
+    full, read_only = small_tmpfs["full"], small_tmpfs["ro"]
+    (full / "filler").write_bytes(b"\0" * ((1 << 20) - (64 << 10)))  # 64 KiB left
+    with pytest.raises(CheckpointWriteError, match=re.escape(f"could not write {full / 'ae.safetensors'}: "
+                                                             "No space left on device (ENOSPC); no file was written")):
+        save_autoencoder(model, full / "ae.safetensors", config)
+    with pytest.raises(RuntimeError) as error:
+        torch.save({"w": torch.zeros(1 << 18)}, full / "training.pt")
+    assert "inline_container" in str(error.value)
+    assert write_error_message(error.value, full / "training.pt").endswith("No space left on device (ENOSPC)")
+    with pytest.raises(CheckpointWriteError, match=re.escape(f"could not write {read_only / 'ae.safetensors'}: "
+                                                             "Read-only file system (EROFS)")):
+        save_autoencoder(model, read_only / "ae.safetensors", config)
+    with pytest.raises(OSError) as error:
+        _write_model(read_only / "vae", {}, {})
+    assert write_error_message(error.value, read_only / "vae").endswith("Read-only file system (EROFS)")

@@ -157,7 +157,7 @@ def save_autoencoder(model: nn.Module, path: str | os.PathLike, config: Mapping[
         save_file(state, tmp, metadata=metadata)
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written autoencoder behind
     except (OSError, SafetensorError) as e:  # disk full, permissions: say where, and that the old file is intact
-        from ldm.errors import CheckpointWriteError
+        from ldm.errors import CheckpointWriteError, write_error_message
 
         if os.path.exists(tmp):
             try:
@@ -165,7 +165,7 @@ def save_autoencoder(model: nn.Module, path: str | os.PathLike, config: Mapping[
             except OSError:
                 pass
         kept = "the existing file is untouched" if os.path.exists(path) else "no file was written"
-        raise CheckpointWriteError(f"could not write {path} ({type(e).__name__}: {e}); {kept}") from None
+        raise CheckpointWriteError(write_error_message(e, path, kept)) from None  # the OS's reason, not torch's
 
 
 def _read_metadata(path: str) -> dict[str, str]:

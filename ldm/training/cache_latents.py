@@ -29,7 +29,7 @@ from ldm.data.integrity import SUMS_MEMBER, file_crc32, member_sums
 from ldm.data.latent_cache import (CACHE_VERSION, MANIFEST, SHARD_NAME, cache_key, cache_key_parts, caches_context,
                                    npy_bytes, pixel_conditioner, source_urls)
 from ldm.data.webdataset import build_loader
-from ldm.errors import CacheError
+from ldm.errors import CacheError, write_error_message
 
 class KeepMembers(SampleDecoder):
     """The loader's decoder (same transform, same skips) that also hands on the sample's other members
@@ -60,10 +60,17 @@ def load_frozen_parts(cfg) -> tuple[nn.Module, nn.Module]:
     return first_stage, conditioner.eval()
 
 
+RESUME = "rerun the same command to resume once there is room"
+
+
 def _write_json(path: Path, value: dict) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(value, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(write_error_message(e, tmp, f"the shards recorded so far are kept: {RESUME}")) from None
 
 
 def _record(out: Path, index: int) -> dict | None:
@@ -93,6 +100,16 @@ def encode_shard(source: str, target: Path, cfg, first_stage, conditioner, with_
     for stale in glob.glob(f"{target}.*.tmp"):  # left by an interrupted build of this shard
         os.remove(stale)
     tmp = Path(f"{target}.{os.getpid()}.tmp")
+    try:
+        count = _write_shard(tmp, loader, first_stage, conditioner, with_context, device)
+        os.replace(tmp, target)
+    except OSError as e:  # disk full, quota, read-only: the OS's reason and the path, the partial shard removed
+        tmp.unlink(missing_ok=True)
+        raise CacheError(write_error_message(e, tmp, f"the shards recorded so far are kept: {RESUME}")) from None
+    return {"count": count, "skipped": loader.skipped, "bytes": target.stat().st_size, "crc32": file_crc32(target)}
+
+
+def _write_shard(tmp: Path, loader, first_stage, conditioner, with_context: bool, device) -> int:
     count = 0
     with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0.0) as sink:
         for batch in loader:
@@ -111,8 +128,7 @@ def encode_shard(source: str, target: Path, cfg, first_stage, conditioner, with_
                 sample[SUMS_MEMBER] = member_sums(sample)  # checked by the training loader before use
                 sink.write(sample)
                 count += 1
-    os.replace(tmp, target)
-    return {"count": count, "skipped": loader.skipped, "bytes": target.stat().st_size, "crc32": file_crc32(target)}
+    return count
 
 
 def build_cache(cfg, out_dir: str | os.PathLike | None = None, rank: int | None = None, world: int | None = None,
@@ -138,7 +154,10 @@ def build_cache(cfg, out_dir: str | os.PathLike | None = None, rank: int | None 
     parts = cache_key_parts(cfg, first_stage, conditioner)
     key = cache_key(parts)
     sources = source_urls(cfg.data.shards)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheError(write_error_message(e, out, "nothing was written")) from None
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         try:

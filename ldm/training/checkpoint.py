@@ -40,7 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm.errors import CheckpointError, CheckpointWriteError, NonFiniteError
+from ldm.errors import CheckpointError, CheckpointWriteError, NonFiniteError, os_reason
 
 STEP_DIR = re.compile(r"^step_(\d{8})(\.old)?$")
 MANIFEST = "manifest.json"
@@ -287,9 +287,9 @@ def _writing(tmp: Path, run_dir: Path, step: int):
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as e:
+        reason = os_reason(e, tmp)  # before the removal frees the space it may read off the filesystem
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"could not write checkpoint step {step} into {tmp} "
-                                   f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e}); "
+        raise CheckpointWriteError(f"could not write checkpoint step {step} into {tmp} ({reason}); "
                                    f"the partial copy was removed and {_kept(run_dir)}") from None
 
 

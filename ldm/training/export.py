@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from ldm.convert import arch as archs
 from ldm.convert.export import WEIGHTS, scheduler_config, unet_to_diffusers, vae_to_diffusers
 from ldm.data.integrity import with_checksum
+from ldm.errors import CheckpointWriteError, write_error_message
 from ldm.training.runs import load_run
 
 
@@ -67,6 +69,10 @@ def export_task(task: nn.Module, out_dir: str | os.PathLike, schedule: Mapping[s
                 print(f"[ldm] note: the text encoder's output is {conditioner.output!r}; diffusers' pipeline "
                       "uses the last hidden state unless called with clip_skip=1")
         os.replace(tmp, out)
+    except (OSError, SafetensorError) as e:  # disk full, read-only, permissions: the OS's reason and the path
+        reason = write_error_message(e, tmp, f"nothing was left behind and {out} was not created")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(reason) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
