@@ -63,7 +63,7 @@ def weights_row(name, build, loader, dtype, repeats, directory):
     save_s, _ = timed(lambda: save_file(state, plain_path, metadata={"format": "pt"}), 1)
     sum_s, metadata = timed(lambda: with_checksum(state, {"format": "pt"}), 1)
     save_file(state, checked_path, metadata=metadata)
-    del state
+    state.clear()  # only the files are read from here on
     size = os.path.getsize(plain_path)
     with torch.device("meta"):
         model = build()

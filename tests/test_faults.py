@@ -714,9 +714,9 @@ def test_file_size_limit_in_saves_and_the_cache_names_the_reason_and_path(shapes
     proc = _limited(1 << 15, "train/cache_latents.py", *LDM, f"model.first_stage.ckpt={tiny_autoencoder}",
                     *data_args(shapes_shards), "--out", str(cache), "--batch-size", "1")
     line = failed(proc)
-    assert re.fullmatch(rf"\[ldm\] could not write {re.escape(str(cache))}/latents-000000\.tar\.\d+\.tmp: File too large "
-                        r"\(EFBIG\): this process may write files of at most 32768 bytes \(ulimit -f\); the shards "
-                        r"recorded so far are kept: rerun .*", line), line
+    assert re.fullmatch(rf"\[ldm\] could not write {re.escape(str(cache))}/latents-000000\.tar\.\d+\.tmp: "
+                        r"File too large \(EFBIG\): this process may write files of at most 32768 bytes "
+                        r"\(ulimit -f\); the shards recorded so far are kept: rerun .*", line), line
     assert not list(cache.glob("*.tmp"))
 
 

@@ -36,7 +36,8 @@ KNOWN_UNETS = {  # in_channels 4, or 9 / 5 / 8 for Stability's inpainting / dept
 SD_UNET_IN_CHANNELS = (4, 5, 8, 9)
 # CompVis latent-diffusion models/first_stage_models (conf/model/autoencoder_{kl,vq}_f*.yaml; kl-f8 is the SD VAE)
 KNOWN_AUTOENCODERS = {
-    "KL-f8 (SD VAE)": dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4, embed_dim=4, attn_resolutions=[]),
+    "KL-f8 (SD VAE)": dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4, embed_dim=4,
+                           attn_resolutions=[]),
     "KL-f4": dict(ch=128, ch_mult=[1, 2, 4], num_res_blocks=2, z_channels=3, embed_dim=3, attn_resolutions=[]),
     "KL-f16": dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=16, embed_dim=16,
                    attn_resolutions=[16]),
@@ -83,7 +84,8 @@ def unknown_unet_layout(where: str, arch: Mapping[str, Any]) -> "ArchitectureErr
 def unknown_autoencoder_layout(where: str, arch: Mapping[str, Any]) -> "ArchitectureError":
     shape = _described(arch, ("ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim", "n_embed"))
     return ArchitectureError(
-        f"{where}: its autoencoder ({shape}) is not a layout ldm knows by its shapes ({', '.join(KNOWN_AUTOENCODERS)}), "
+        f"{where}: its autoencoder ({shape}) is not a layout ldm knows by its shapes "
+        f"({', '.join(KNOWN_AUTOENCODERS)}), "
         "and a single file does not say its GroupNorm groups; nothing was loaded. Pass the CompVis YAML that came "
         "with it or config={'norm_groups': G} to ldm.convert.load_autoencoder (for model.first_stage.ckpt: save what "
         "it loads with ldm.models.autoencoder.save_autoencoder and use that file)")

@@ -207,7 +207,8 @@ def load_autoencoder(path: str | os.PathLike, strict: bool = True,
         config, scale_factor = yaml.get("autoencoder", {}), yaml.get("scale_factor", scale_factor)
     state, arch, source_scale = read_vae_weights(path)
     if arch is None:  # a single file: only a released layout loads without its GroupNorm groups
-        arch = archs.infer_vae_arch(state, **{k: v for k, v in (config or {}).items() if k in ("resolution", "norm_groups")})
+        given = {k: v for k, v in (config or {}).items() if k in ("resolution", "norm_groups")}
+        arch = archs.infer_vae_arch(state, **given)
         if "norm_groups" not in (config or {}) and archs.known_autoencoder_layout(arch) is None:
             raise archs.unknown_autoencoder_layout(str(path), arch)
     arch.update(config or {})

@@ -188,7 +188,8 @@ def build_cache(cfg, out_dir: str | os.PathLike | None = None, rank: int | None 
     manifest = {"version": CACHE_VERSION, "key": key, "parts": parts, "dtype": "float32",
                 "sources": sources, "count": sum(r["count"] for r in records),
                 "skipped": {k: sum(r["skipped"].get(k, 0) for r in records) for k in SKIP_KINDS},
-                "shards": [{k: r[k] for k in ("file", "source", "count", "bytes", "crc32", "skipped")} for r in records]}
+                "shards": [{k: r[k] for k in ("file", "source", "count", "bytes", "crc32", "skipped")}
+                           for r in records]}
     _write_json(manifest_path, manifest)
     skipped = {k: n for k, n in manifest["skipped"].items() if n} or "none"
     print(f"[ldm] {manifest_path}: {manifest['count']} samples in {len(records)} shard(s), skipped {skipped}; "
