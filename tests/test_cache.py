@@ -97,7 +97,7 @@ def test_cache_holds_the_posterior_captions_and_counts(cache, tiny_autoencoder):
     assert manifest["shards"][-1]["count"] == 4 and manifest["parts"]["context"] is None  # trainable text encoder
     stored, sources = cache_samples(cache["dir"]), cache["sources"]
     assert sorted(stored) == sorted(sources)
-    assert {k for k in stored["bad0000"] if not k.startswith("__")} == {"txt", "mean.npy", "logvar.npy"}
+    assert {k for k in stored["bad0000"] if not k.startswith("__")} == {"txt", "mean.npy", "logvar.npy", "crc32.json"}
     keys = sorted(sources)
     ae = load_autoencoder(tiny_autoencoder).eval()
     with torch.no_grad():

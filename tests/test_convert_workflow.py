@@ -147,6 +147,11 @@ def test_finetune_export_and_sample_in_diffusers(tiny_sd, shapes_shards, tmp_pat
     # 3. The README's Python block: diffusers samples from the export; our loaders read the single file.
     code = readme_block("Pretrained weights: fine-tune and export", "python")
     code = code.replace("exported/sd15-finetuned", str(out)).replace("/models/", f"{tiny_sd['root']}/")
+    # The tiny stand-in is not SD-v1's layout, so its single file must say what the real one's shapes do.
+    tiny = code.replace('ema=True)', 'ema=True, config={"num_heads": 8, "norm_groups": 32})')
+    tiny = tiny.replace('v1-5-pruned.safetensors")', 'v1-5-pruned.safetensors", config={"norm_groups": 32})')
+    assert tiny.count("config=") == 2
+    code = tiny
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     assert namespace["image"].size == (32, 32)

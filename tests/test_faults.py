@@ -578,3 +578,246 @@ def test_sample_cli_validates_options(tmp_path, override, message):
     proc = subprocess.run([sys.executable, "train/sample.py", f"run_dir={tmp_path}", f"out_dir={tmp_path / 'out'}",
                            "prompts=[x]", override], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert failed(proc).startswith(f"[ldm] {message}")
+
+
+# -------------------------------------------------------------------------- verified reads, clear OS errors
+def _flip_exponent_of_each(directory: Path, member: str) -> int:
+    """Flip bit 30 (the top exponent bit) of the last float32 of every `member` in the tars of `directory`,
+    in place (tar headers untouched): a value near 1 becomes ~1e38, finite. Returns how many were hit."""
+    import tarfile
+
+    hits = 0
+    for tar in sorted(directory.glob("*.tar")):
+        with tarfile.open(tar) as archive:
+            offsets = [m.offset_data + m.size - 1 for m in archive.getmembers() if m.name.endswith("." + member)]
+        data = bytearray(tar.read_bytes())
+        for at in offsets:
+            data[at] ^= 0x40
+        tar.write_bytes(bytes(data))
+        hits += len(offsets)
+    return hits
+
+
+def test_damaged_latent_cache_is_named_not_trained_on(shapes_shards, tiny_autoencoder, tmp_path):
+    """One exponent byte flipped in each cached mean.npy: the run stops with a line naming a shard and the
+    checksum, instead of training to the end on latents of 1e38."""
+    from ldm.training.cache_latents import build_cache
+    from train.cache_latents import compose_train_config
+
+    cache = tmp_path / "latents"
+    stage2 = [*LDM, f"model.first_stage.ckpt={tiny_autoencoder}"]
+    build_cache(compose_train_config([*stage2, *data_args(shapes_shards)]), cache, batch_size=64)
+    assert _flip_exponent_of_each(cache, "mean.npy") == 192
+    proc = cli(shapes_shards, tmp_path / "run", "trainer.max_steps=2", f"data.latents={cache}", model=stage2)
+    line = failed(proc)
+    assert "checksum_error" in line and re.search(r"latents-0000\d\d\.tar key \S+: mean\.npy does not match", line)
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_one_damaged_cache_shard_is_skipped_counted_and_named(shapes_shards, tiny_autoencoder, tmp_path, caplog):
+    from ldm.data.latent_cache import LatentSampleDecoder, cache_shards
+    from ldm.data.webdataset import build_loader
+    from ldm.training.cache_latents import build_cache
+    from train.cache_latents import compose_train_config
+
+    cache = tmp_path / "latents"
+    stage2 = [*LDM, f"model.first_stage.ckpt={tiny_autoencoder}"]
+    build_cache(compose_train_config([*stage2, *data_args(shapes_shards)]), cache, batch_size=64)
+    one = tmp_path / "one"
+    one.mkdir()
+    os.replace(cache / "latents-000003.tar", one / "latents-000003.tar")
+    assert _flip_exponent_of_each(one, "mean.npy") == 24
+    os.replace(one / "latents-000003.tar", cache / "latents-000003.tar")
+    loader = build_loader(cache_shards(cache), batch_size=8, image_size=32, num_workers=0, epochs=1,
+                          decoder=LatentSampleDecoder(32, "txt", None))
+    means = torch.cat([batch["latent_mean"] for batch in loader])
+    assert means.shape[0] == 192 - 24 and means.abs().max() < 1e3  # the other shards, none of the damage
+    assert loader.skipped["checksum_error"] == 24 and sum(loader.skipped.values()) == 24
+    assert any("latents-000003.tar" in r.getMessage() and "checksum_error" in r.getMessage() for r in caplog.records)
+
+
+def _flip_bytes(path: Path, count: int = 4) -> None:
+    """Flip `count` bytes spread over the tensor data of a safetensors file (its JSON header untouched)."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    for k in range(count):
+        data[start + (len(data) - start) * (2 * k + 1) // (2 * count)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_autoencoder_file_is_named_through_the_cli(shapes_shards, tiny_autoencoder, tmp_path):
+    from ldm.data.integrity import TENSORS_CHECKSUM_KEY, safetensors_metadata
+
+    bad = tmp_path / "autoencoder.safetensors"
+    shutil.copy(tiny_autoencoder, bad)
+    assert TENSORS_CHECKSUM_KEY in safetensors_metadata(bad)
+    _flip_bytes(bad)
+    line = failed(cli(shapes_shards, tmp_path / "run", "trainer.max_steps=1",
+                      model=[*LDM, f"model.first_stage.ckpt={bad}"]))
+    assert line.startswith("[ldm]") and f"{bad} is corrupt" in line and "checksum" in line
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_files_without_a_checksum_still_load_and_exports_are_verified(tiny_autoencoder, tmp_path):
+    """Older and foreign files (no checksum in the metadata) load as before; an exported diffusers folder
+    carries one, and a flipped byte in it is named by ldm.convert."""
+    from ldm.convert import load_autoencoder as load_converted
+    from ldm.convert.export import vae_to_diffusers
+    from ldm.data.integrity import TENSORS_CHECKSUM_KEY
+    from ldm.models.autoencoder import read_autoencoder_file as load_autoencoder
+    from ldm.training.export import _write_model
+
+    state = load_file(tiny_autoencoder)
+    with __import__("safetensors").safe_open(str(tiny_autoencoder), "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != TENSORS_CHECKSUM_KEY}
+    save_file(state, str(tmp_path / "old.safetensors"), metadata=metadata)
+    model = load_autoencoder(tmp_path / "old.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    _write_model(tmp_path / "vae", *vae_to_diffusers(model))
+    load_converted(tmp_path / "vae")  # verifies
+    _flip_bytes(tmp_path / "vae/diffusion_pytorch_model.safetensors", count=1)
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "vae/diffusion_pytorch_model.safetensors"))
+                       + " is corrupt"):
+        load_converted(tmp_path / "vae")
+
+
+def test_odd_headed_single_file_is_refused_not_guessed(tmp_path):
+    """A CompVis-layout UNet file with 4 heads and 8 GroupNorm groups (SD has 8 and 32), and one with linear
+    projections 32 channels wide (SD-2's 64-channel heads do not fit): the shapes identify no released layout,
+    so loading without a config asks for it; with the config it is exact."""
+    from ldm.convert import arch as archs
+    from ldm.convert import load_unet
+    from ldm.models.unet import UNetModel
+
+    torch.manual_seed(0)
+    odd = UNetModel(4, 4, 32, 1, [1], [1, 2], num_heads=4, context_dim=24, norm_groups=8).eval()
+    save_file({"model.diffusion_model." + k: v for k, v in odd.state_dict().items()}, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(archs.ArchitectureError) as error:
+        load_unet(tmp_path / "odd.safetensors")
+    message = str(error.value)
+    assert str(tmp_path / "odd.safetensors") in message and "not a layout ldm knows" in message
+    assert "YAML" in message and "num_heads" in message and "norm_groups" in message and "\n" not in message
+    with pytest.raises(archs.ArchitectureError, match="norm_groups"):  # the heads alone are still half a guess
+        load_unet(tmp_path / "odd.safetensors", config={"num_heads": 4})
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        given = load_unet(tmp_path / "odd.safetensors", config={"num_heads": 4, "norm_groups": 8})
+        assert torch.equal(given(x, t, context), odd(x, t, context))
+
+    narrow = UNetModel(4, 4, 32, 1, [1], [1, 2], num_head_channels=8, context_dim=24, use_linear_in_transformer=True,
+                       norm_groups=8)
+    save_file({"model.diffusion_model." + k: v for k, v in narrow.state_dict().items()},
+              str(tmp_path / "narrow.safetensors"))
+    with pytest.raises(archs.ArchitectureError, match="not a layout ldm knows"):  # was a bare ZeroDivisionError
+        load_unet(tmp_path / "narrow.safetensors")
+    with pytest.raises(archs.ArchitectureError, match="does not split 32 channels into whole heads"):
+        load_unet(tmp_path / "narrow.safetensors", config={"num_head_channels": 64, "norm_groups": 8})
+
+
+def test_odd_first_stage_file_is_one_line_through_the_cli(shapes_shards, tmp_path):
+    from ldm.models.autoencoder import AutoencoderKL
+
+    vae = AutoencoderKL(embed_dim=4, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, norm_groups=8)
+    save_file({"first_stage_model." + k: v for k, v in vae.state_dict().items()}, str(tmp_path / "vae.safetensors"))
+    line = failed(cli(shapes_shards, tmp_path / "run", "trainer.max_steps=1",
+                      model=[*LDM, f"model.first_stage.ckpt={tmp_path / 'vae.safetensors'}"]))
+    assert f"{tmp_path / 'vae.safetensors'}: its autoencoder" in line and "not a layout ldm knows" in line
+    assert "norm_groups" in line and "save_autoencoder" in line
+
+
+def test_known_first_stage_layouts_are_the_compvis_presets():
+    """KNOWN_AUTOENCODERS (loaded from single files without a config) are conf/model's CompVis first stages."""
+    from ldm.convert import arch as archs
+
+    for name, layout in archs.KNOWN_AUTOENCODERS.items():
+        preset = compose_cfg(f"model=autoencoder_{name.split()[0].lower().replace('-', '_')}").model.task.autoencoder
+        assert {k: (list(v) if k in ("ch_mult", "attn_resolutions") else v) for k, v in preset.items() if k in layout} \
+            == layout and preset.resolution == 256, name
+
+
+WRITES = """
+import sys, torch
+from ldm.errors import RunError, write_error_message
+from ldm.models.autoencoder import AutoencoderKL, save_autoencoder
+out = sys.argv[1]
+try:  # safetensors quotes the errno
+    save_autoencoder(AutoencoderKL(embed_dim=4, ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4),
+                     out + "/autoencoder.safetensors", {"_target_": "ldm.models.autoencoder.AutoencoderKL"})
+except RunError as e:
+    print("autoencoder:", e)
+try:  # torch.save drops it ("inline_container.cc ... unexpected pos"): read off the filesystem
+    torch.save({"w": torch.zeros(1 << 20)}, out + "/training.pt")
+except RuntimeError as e:
+    print("torch:", str(e).splitlines()[0], "->", write_error_message(e, out + "/training.pt"))
+"""
+
+
+def _limited(limit, *args, **kwargs):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                          preexec_fn=_file_size_limit(limit), **kwargs)
+
+
+def test_file_size_limit_in_saves_and_the_cache_names_the_reason_and_path(shapes_shards, tiny_autoencoder, tmp_path):
+    """RLIMIT_FSIZE (works with or without root): every write past the limit fails with EFBIG, as a full disk
+    fails with ENOSPC. The message is the OS's reason and the path, never torch's `inline_container.cc`."""
+    out = _limited(1 << 16, "-c", WRITES, str(tmp_path)).stdout
+    assert f"autoencoder: could not write {tmp_path / 'autoencoder.safetensors'}: File too large (EFBIG)" in out
+    assert "no file was written" in out and not list(tmp_path.glob("autoencoder.safetensors*"))
+    torch_line = next(line for line in out.splitlines() if line.startswith("torch:"))
+    assert "inline_container" in torch_line  # what torch says ...
+    assert torch_line.endswith(f"-> could not write {tmp_path / 'training.pt'}: File too large (EFBIG): this process "
+                               "may write files of at most 65536 bytes (ulimit -f)")  # ... and what we say
+
+    cache = tmp_path / "latents"  # batch 1: the loader worker's shared-memory batches stay under the limit too
+    proc = _limited(1 << 15, "train/cache_latents.py", *LDM, f"model.first_stage.ckpt={tiny_autoencoder}",
+                    *data_args(shapes_shards), "--out", str(cache), "--batch-size", "1")
+    line = failed(proc)
+    assert re.fullmatch(rf"\[ldm\] could not write {re.escape(str(cache))}/latents-000000\.tar\.\d+\.tmp: "
+                        r"File too large \(EFBIG\): this process may write files of at most 32768 bytes "
+                        r"\(ulimit -f\); the shards recorded so far are kept: rerun .*", line), line
+    assert not list(cache.glob("*.tmp"))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (a real full disk: ENOSPC) and a read-only one (EROFS). Mounting needs CAP_SYS_ADMIN;
+    without it these faults are only reachable by the RLIMIT test above."""
+    mounts = {"full": tmp_path / "full", "ro": tmp_path / "ro"}
+    done = []
+    try:
+        for name, options in (("full", "size=1m"), ("ro", "ro,size=1m")):
+            mounts[name].mkdir()
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mounts[name])],
+                              capture_output=True).returncode:
+                pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN); the RLIMIT_FSIZE test covers the "
+                            "messages")
+            done.append(mounts[name])
+        yield mounts
+    finally:
+        for mount in done:
+            subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_full_and_read_only_disks_are_named(small_tmpfs, tiny_autoencoder):
+    from ldm.errors import CheckpointWriteError, write_error_message
+    from ldm.models.autoencoder import read_autoencoder_file as load_autoencoder, save_autoencoder
+    from ldm.training.export import _write_model
+
+    model = load_autoencoder(tiny_autoencoder)
+    config = {"_target_": "ldm.models.autoencoder.AutoencoderKL", "embed_dim": 4}
+    full, read_only = small_tmpfs["full"], small_tmpfs["ro"]
+    (full / "filler").write_bytes(b"\0" * ((1 << 20) - (64 << 10)))  # 64 KiB left
+    with pytest.raises(CheckpointWriteError, match=re.escape(f"could not write {full / 'ae.safetensors'}: "
+                                                             "No space left on device (ENOSPC); no file was written")):
+        save_autoencoder(model, full / "ae.safetensors", config)
+    with pytest.raises(RuntimeError) as error:
+        torch.save({"w": torch.zeros(1 << 18)}, full / "training.pt")
+    assert "inline_container" in str(error.value)
+    assert write_error_message(error.value, full / "training.pt").endswith("No space left on device (ENOSPC)")
+    with pytest.raises(CheckpointWriteError, match=re.escape(f"could not write {read_only / 'ae.safetensors'}: "
+                                                             "Read-only file system (EROFS)")):
+        save_autoencoder(model, read_only / "ae.safetensors", config)
+    with pytest.raises(OSError) as error:
+        _write_model(read_only / "vae", {}, {})
+    assert write_error_message(error.value, read_only / "vae").endswith("Read-only file system (EROFS)")

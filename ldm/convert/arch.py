@@ -1,9 +1,12 @@
 """Architectures: our constructor arguments <-> diffusers `config.json`, and read off a bare state dict.
 
 A CompVis/Stability single file carries weights only, so the UNet / autoencoder arguments are read from the
-tensor shapes. Two things shapes cannot say: the GroupNorm group count (32 unless `norm_groups` is given) and
-the attention head split; for the latter the Stability convention is the default: SD-v1 (1x1-conv projections)
-has 8 heads, SD-2 (linear projections) 64 channels per head. Pass `config={...}` to the loaders to override.
+tensor shapes. Two things shapes cannot say: the GroupNorm group count and the attention head split. A wrong
+guess loads without an error and computes something else, so nothing is guessed: a file loads without a
+config only when its shapes identify a released layout whose split is known (KNOWN_UNETS: SD-v1 with 8
+heads, SD-2 with 64 channels per head; KNOWN_AUTOENCODERS: the KL-f8 SD VAE and CompVis' other first
+stages; all with 32 groups). Any other layout needs the CompVis YAML that came with it or `config={...}` with
+the head split and `norm_groups`: the loaders say so in one error.
 """
 from __future__ import annotations
 
@@ -12,12 +15,94 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from ldm.errors import RunError
+
 DIFFUSERS_VERSION = "0.42.1"  # written into config.json files; the fields below are stable across 0.2x-0.4x
 SD_SCALE_FACTOR = 0.18215  # the SD-v1/v2 VAE's latent scale (LDM paper App. G); diffusers' default too
 
 
-class ArchitectureError(ValueError):
-    """A checkpoint whose architecture our models cannot express, or whose shapes do not add up."""
+class ArchitectureError(ValueError, RunError):
+    """A checkpoint whose architecture our models cannot express, whose shapes do not add up, or whose layout
+    needs a config (a RunError: the CLIs print it as one line)."""
+
+
+# Released layouts, by what the shapes say -> what they cannot (CompVis' code uses 32 GroupNorm groups everywhere).
+_SD_UNET = dict(model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=2, attention_resolutions=[1, 2, 4],
+                transformer_depth=1, out_channels=4, use_scale_shift_norm=False)
+KNOWN_UNETS = {  # in_channels 4, or 9 / 5 / 8 for Stability's inpainting / depth / instruct-pix2pix variants
+    "SD-v1": ({**_SD_UNET, "context_dim": 768, "use_linear_in_transformer": False}, {"num_heads": 8}),
+    "SD-2": ({**_SD_UNET, "context_dim": 1024, "use_linear_in_transformer": True}, {"num_head_channels": 64}),
+}
+SD_UNET_IN_CHANNELS = (4, 5, 8, 9)
+# CompVis latent-diffusion models/first_stage_models (conf/model/autoencoder_{kl,vq}_f*.yaml; kl-f8 is the SD VAE)
+KNOWN_AUTOENCODERS = {
+    "KL-f8 (SD VAE)": dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4, embed_dim=4,
+                           attn_resolutions=[]),
+    "KL-f4": dict(ch=128, ch_mult=[1, 2, 4], num_res_blocks=2, z_channels=3, embed_dim=3, attn_resolutions=[]),
+    "KL-f16": dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=16, embed_dim=16,
+                   attn_resolutions=[16]),
+    "VQ-f4": dict(ch=128, ch_mult=[1, 2, 4], num_res_blocks=2, z_channels=3, embed_dim=3, attn_resolutions=[],
+                  n_embed=8192),
+    "VQ-f8": dict(ch=128, ch_mult=[1, 2, 2, 4], num_res_blocks=2, z_channels=4, embed_dim=4, attn_resolutions=[32],
+                  n_embed=16384),
+    "VQ-f16": dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=8, embed_dim=8,
+                   attn_resolutions=[16], n_embed=16384),
+}
+HEAD_KEYS = ("num_heads", "num_head_channels")
+
+
+def known_unet_layout(arch: Mapping[str, Any]) -> str | None:
+    """The released UNet layout (a KNOWN_UNETS name) that `arch`, read from shapes, is; None for any other."""
+    if arch.get("in_channels") not in SD_UNET_IN_CHANNELS or "num_classes" in arch:
+        return None
+    return next((name for name, (shape, _) in KNOWN_UNETS.items()
+                 if all(arch.get(k) == v for k, v in shape.items())), None)
+
+
+def known_autoencoder_layout(arch: Mapping[str, Any]) -> str | None:
+    if arch.get("in_channels") != 3 or arch.get("out_ch") != 3 or arch.get("resolution") != 256:
+        return None
+    keys = lambda layout: set(layout) | {"n_embed"}  # noqa: E731  (a KL layout must not have a codebook)
+    return next((name for name, layout in KNOWN_AUTOENCODERS.items()
+                 if all(arch.get(k) == layout.get(k) for k in keys(layout))), None)
+
+
+def _described(arch: Mapping[str, Any], keys: tuple[str, ...]) -> str:
+    return ", ".join(f"{k}={arch[k]}" for k in keys if k in arch)
+
+
+def unknown_unet_layout(where: str, arch: Mapping[str, Any]) -> "ArchitectureError":
+    shape = _described(arch, ("in_channels", "model_channels", "channel_mult", "num_res_blocks",
+                              "attention_resolutions", "context_dim", "use_linear_in_transformer"))
+    return ArchitectureError(
+        f"{where}: its UNet ({shape}) is not a layout ldm knows by its shapes ({', '.join(KNOWN_UNETS)}), and a single "
+        "file does not say its attention heads or GroupNorm groups; nothing was loaded. Pass the CompVis YAML that "
+        "came with it (config='v1-inference.yaml') or config={'num_heads': N or 'num_head_channels': C, "
+        "'norm_groups': G}")
+
+
+def unknown_autoencoder_layout(where: str, arch: Mapping[str, Any]) -> "ArchitectureError":
+    shape = _described(arch, ("ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim", "n_embed"))
+    return ArchitectureError(
+        f"{where}: its autoencoder ({shape}) is not a layout ldm knows by its shapes "
+        f"({', '.join(KNOWN_AUTOENCODERS)}), "
+        "and a single file does not say its GroupNorm groups; nothing was loaded. Pass the CompVis YAML that came "
+        "with it or config={'norm_groups': G} to ldm.convert.load_autoencoder (for model.first_stage.ckpt: save what "
+        "it loads with ldm.models.autoencoder.save_autoencoder and use that file)")
+
+
+def check_head_split(arch: Mapping[str, Any], where: str) -> None:
+    """Every attention layer gets >= 1 head of equal width (a bad split is a ZeroDivisionError deep in the
+    model otherwise)."""
+    mults = arch["channel_mult"]
+    levels = [i for i in range(len(mults)) if 2**i in set(arch.get("attention_resolutions", ()))] + [len(mults) - 1]
+    for channels in sorted({arch["model_channels"] * mults[i] for i in levels}):
+        width = arch.get("num_head_channels", -1)
+        divisor = width if width != -1 else arch.get("num_heads", -1)  # head width, or head count
+        if divisor < 1 or channels % divisor or channels < divisor:
+            raise ArchitectureError(f"{where}: {_described(arch, HEAD_KEYS)} does not split {channels} channels into "
+                                    "whole heads; give num_heads or num_head_channels that divides every attention "
+                                    "layer's width")
 
 
 def _indices(state: Mapping[str, Any], pattern: str) -> list[int]:
@@ -26,8 +111,10 @@ def _indices(state: Mapping[str, Any], pattern: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------- UNet
-def infer_unet_arch(state: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """`UNetModel` keyword arguments from a UNet state dict in our/CompVis names (no prefix)."""
+def infer_unet_arch(state: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+                    where: str = "UNet state dict") -> dict[str, Any]:
+    """`UNetModel` keyword arguments from a UNet state dict in our/CompVis names (no prefix); the head split
+    from `overrides`, else from the released layout the shapes identify (an ArchitectureError otherwise)."""
     try:
         model_channels, in_channels = state["input_blocks.0.0.weight"].shape[:2]
         out_channels = state["out.2.weight"].shape[0]
@@ -60,12 +147,11 @@ def infer_unet_arch(state: Mapping[str, Any], overrides: Mapping[str, Any] | Non
     else:
         arch["use_spatial_transformer"] = False
     overrides = dict(overrides or {})
-    if "num_heads" not in overrides and "num_head_channels" not in overrides:
-        # Stability's convention: SD-2 (linear projections) 64 channels per head, SD-v1 and LDM 8 heads.
-        if arch.get("use_linear_in_transformer"):
-            overrides["num_head_channels"] = 64
-        else:
-            overrides["num_heads"] = 8
+    if not set(HEAD_KEYS) & set(overrides):  # only a released layout's split is known; others must be given
+        layout = known_unet_layout(arch)
+        if layout is None:
+            raise unknown_unet_layout(where, arch)
+        overrides.update(KNOWN_UNETS[layout][1])
     arch.update(overrides)
     arch.setdefault("num_heads", -1)
     arch.setdefault("num_head_channels", -1)
@@ -283,6 +369,7 @@ def compvis_yaml(path: str) -> dict[str, Any]:
     if unet is not None:
         accepted = inspect.signature(UNetModel).parameters
         out["unet"] = {k: v for k, v in unet.items() if k in accepted}  # use_checkpoint: trainer.activation_checkpointing
+        out["unet"].setdefault("norm_groups", 32)  # CompVis' code: GroupNorm32(32, ...) everywhere
     first = params.get("first_stage_config", {})
     if "ddconfig" in first.get("params", {}):
         vq = "n_embed" in first["params"]
@@ -291,6 +378,7 @@ def compvis_yaml(path: str) -> dict[str, Any]:
         if vq:
             kwargs["n_embed"] = first["params"]["n_embed"]
         out["autoencoder"] = {k: v for k, v in kwargs.items() if k in accepted}
+        out["autoencoder"].setdefault("norm_groups", 32)  # CompVis' Normalize(): GroupNorm(32, ...)
     if "scale_factor" in params:
         out["scale_factor"] = float(params["scale_factor"])
     return out

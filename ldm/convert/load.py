@@ -20,6 +20,8 @@ from torch import nn
 
 from ldm.convert import arch as archs
 from ldm.convert import keymap
+from ldm.data.integrity import safetensors_metadata, verify_tensors
+from ldm.errors import RunError
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 VAE_STATE_BUFFERS = ("scale_factor", "latent_mean", "latent_std")  # ours, not part of any pretrained VAE file
@@ -30,8 +32,9 @@ WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 
 
-class CheckpointMismatchError(ValueError):
-    """Weights whose names or shapes do not fit the model; the message lists every offending key."""
+class CheckpointMismatchError(ValueError, RunError):
+    """Weights whose names or shapes do not fit the model; the message lists every offending key (a RunError:
+    the CLIs print it as one line)."""
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -45,9 +48,11 @@ def read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
         except SafetensorError as error:  # truncated or not safetensors at all
             raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+        verify_tensors(path, state, safetensors_metadata(path))  # files written by ldm carry a CRC-32
+        return state
     if path.suffix not in TORCH_SUFFIXES:
         raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors or one of "
                          f"{TORCH_SUFFIXES} (or a diffusers folder)")
@@ -155,12 +160,15 @@ def load_unet(path: str | os.PathLike, strict: bool = True, ema: bool = False,
             raise CheckpointMismatchError(f"{path} has no EMA weights (no model_ema.* keys, no unet_ema/ folder)")
         state = ema_state
     overrides = dict(config or {})
-    if arch is None:
-        arch = archs.infer_unet_arch(state, overrides)
+    if arch is None:  # a single file: only a released layout loads without its head split and groups
+        arch = archs.infer_unet_arch(state, overrides, where=str(path))
+        if "norm_groups" not in overrides and archs.known_unet_layout(arch) is None:
+            raise archs.unknown_unet_layout(str(path), arch)
     else:
         if {"num_heads", "num_head_channels"} & set(overrides):  # one head split replaces the other
             arch.update(num_heads=-1, num_head_channels=-1)
         arch.update(overrides)
+    archs.check_head_split(arch, str(path))
     model = UNetModel(**arch)
     load_checked(model, state, strict, str(path))
     return model.eval()
@@ -230,8 +238,11 @@ def _load_pretrained_autoencoder(path: str, strict: bool, config) -> nn.Module:
         yaml = archs.compvis_yaml(os.fspath(config))
         config, scale_factor = yaml.get("autoencoder", {}), yaml.get("scale_factor")
     state, arch, source_scale = read_vae_weights(path)
-    arch = arch or archs.infer_vae_arch(state, **{k: v for k, v in (config or {}).items()
-                                                  if k in ("resolution", "norm_groups")})
+    if arch is None:  # a single file: only a released layout loads without its GroupNorm groups
+        given = {k: v for k, v in (config or {}).items() if k in ("resolution", "norm_groups")}
+        arch = archs.infer_vae_arch(state, **given)
+        if "norm_groups" not in (config or {}) and archs.known_autoencoder_layout(arch) is None:
+            raise archs.unknown_autoencoder_layout(str(path), arch)
     arch.update(config or {})
     model = VQModel(**arch) if "n_embed" in arch else AutoencoderKL(**arch)
     load_checked(model, state, strict, str(path), skip=VAE_STATE_BUFFERS + VQ_STATE_BUFFERS)

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-SKIP_KINDS = ("decode_error", "missing_image", "missing_caption", "bad_mode", "missing_label", "shard_error")
+SKIP_KINDS = ("decode_error", "missing_image", "missing_caption", "bad_mode", "missing_label", "shard_error",
+              "checksum_error")
 # Modes with a faithful 8-bit RGB conversion. 16/32-bit integer and float modes (I;16, I, F) have no
 # agreed mapping to display colour (what range is white?), so those samples are skipped as bad_mode.
 RGB_CONVERTIBLE_MODES = frozenset({"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"})

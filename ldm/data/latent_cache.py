@@ -10,8 +10,12 @@ sample holding the source's non-image members unchanged (`KEY.txt`, `KEY.json`, 
 on the values online encoding computes (tests/test_cache.py checks the loss to 1e-5), and it is cheap: at f=8
 mean + log-variance are 1/24 of the pixel count, H·W/2 bytes, about what a JPEG of the image takes. (fp16
 would halve that; its rounding of the demo autoencoder's mean is a median 2e-4 of the posterior std.)
-`latents-%06d.json` records each finished shard; `cache.json` (written when every shard is there) holds the
-key, the sources and the counts.
+Each sample also holds `KEY.crc32.json`, the CRC-32 of each of its other members: the training loader checks
+it before a sample is used, and skips a sample whose bytes changed (counted as `checksum_error`, logged as
+`data/skipped_checksum_error`, with a warning naming the shard and key), so a damaged cache never trains
+silently. `latents-%06d.json` records each finished shard (with the CRC-32 of the whole tar, which a rebuild
+checks before it keeps a shard); `cache.json` (written when every shard is there) holds the key, the sources
+and the counts.
 
 The key is a hash of what produced the cached values: the weights of the first stage's encoder and
 quant_conv (not the file bytes: a decoder-only fine-tune or the same weights in another format leave the
@@ -34,10 +38,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ldm.data.decode import SampleDecoder, SkipSample
+from ldm.data.integrity import member_mismatches
 from ldm.errors import CacheError
 from ldm.modules.conditioning import Conditioner
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: per-sample CRC-32 member; version-1 caches are refused as stale (rebuild)
 MANIFEST = "cache.json"
 SHARD_NAME = "latents-{:06d}.tar"
 ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # the first-stage weights that compute the posterior
@@ -203,6 +208,9 @@ class LatentSampleDecoder(SampleDecoder):
         if "mean.npy" not in raw:
             have = sorted(k for k in raw if not k.startswith("__"))
             raise SkipSample("missing_image", f"no mean.npy entry: not a latent-cache sample (has {have})")
+        damage = member_mismatches(raw)  # before any byte is used: a flipped exponent trains as 1e38
+        if damage is not None:
+            raise SkipSample("checksum_error", f"{damage}; the cache is damaged: {REBUILD}")
         return "mean.npy"
 
     def content(self, raw: dict, member: str) -> dict:

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ldm.data.integrity import verify_tensors, with_checksum
 from ldm.modules.ae_blocks import Decoder, Encoder
 from ldm.modules.quantize import VectorQuantizer
 
@@ -149,14 +150,14 @@ def save_autoencoder(model: nn.Module, path: str | os.PathLike, config: Mapping[
         kept = "the existing file is untouched" if os.path.exists(path) else "no file was written"
         raise NonFiniteError(f"refusing to write {path}: non-finite values in {bad[:5]}; {kept}")
     tmp = f"{path}.tmp"
-    metadata = {CONFIG_METADATA_KEY: json.dumps(dict(config)), SAMPLE_METADATA_KEY: json.dumps(bool(sample_posterior)),
-                "format": "pt"}
+    metadata = with_checksum(state, {CONFIG_METADATA_KEY: json.dumps(dict(config)),  # verified by load_autoencoder
+                                     SAMPLE_METADATA_KEY: json.dumps(bool(sample_posterior)), "format": "pt"})
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         save_file(state, tmp, metadata=metadata)
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written autoencoder behind
     except (OSError, SafetensorError) as e:  # disk full, permissions: say where, and that the old file is intact
-        from ldm.errors import CheckpointWriteError
+        from ldm.errors import CheckpointWriteError, write_error_message
 
         if os.path.exists(tmp):
             try:
@@ -164,7 +165,7 @@ def save_autoencoder(model: nn.Module, path: str | os.PathLike, config: Mapping[
             except OSError:
                 pass
         kept = "the existing file is untouched" if os.path.exists(path) else "no file was written"
-        raise CheckpointWriteError(f"could not write {path} ({type(e).__name__}: {e}); {kept}") from None
+        raise CheckpointWriteError(write_error_message(e, path, kept)) from None  # the OS's reason, not torch's
 
 
 def _read_metadata(path: str) -> dict[str, str]:
@@ -245,6 +246,7 @@ def read_autoencoder_file(path: str | os.PathLike, map_location: str | torch.dev
         raise ValueError(f"{path}: the autoencoder config in its metadata is not JSON ({e})") from None
     model = build_from_config(config, path)
     state = load_file(path, device=str(map_location))
+    verify_tensors(path, state, metadata)  # flipped bytes name the file instead of loading silently
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     mismatched = [f"{name}: file {tuple(state[name].shape)} vs model {tuple(expected[name].shape)}"

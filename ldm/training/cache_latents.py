@@ -25,10 +25,11 @@ import webdataset as wds
 from torch import nn
 
 from ldm.data.decode import IMAGE_EXTENSIONS, SKIP_KINDS, SampleDecoder
+from ldm.data.integrity import SUMS_MEMBER, file_crc32, member_sums
 from ldm.data.latent_cache import (CACHE_VERSION, MANIFEST, SHARD_NAME, cache_key, cache_key_parts, caches_context,
                                    npy_bytes, pixel_conditioner, source_urls)
 from ldm.data.webdataset import build_loader
-from ldm.errors import CacheError
+from ldm.errors import CacheError, write_error_message
 from ldm.models.autoencoder import AutoencoderKL
 
 
@@ -61,10 +62,17 @@ def load_frozen_parts(cfg) -> tuple[nn.Module, nn.Module]:
     return first_stage, conditioner.eval()
 
 
+RESUME = "rerun the same command to resume once there is room"
+
+
 def _write_json(path: Path, value: dict) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(value, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(write_error_message(e, tmp, f"the shards recorded so far are kept: {RESUME}")) from None
 
 
 def _record(out: Path, index: int) -> dict | None:
@@ -74,11 +82,13 @@ def _record(out: Path, index: int) -> dict | None:
         return None
 
 
-def _done(out: Path, index: int, key: str, source: str) -> bool:
-    """The shard's record is there, for this key and source, and its tar has the recorded size."""
+def _done(out: Path, index: int, key: str, source: str, verify: bool = False) -> bool:
+    """The shard's record is there, for this key and source, and its tar has the recorded size (and, with
+    `verify`, the recorded CRC-32: a rebuild re-encodes a damaged shard instead of keeping it)."""
     record, tar = _record(out, index), out / SHARD_NAME.format(index)
-    return (record is not None and record.get("key") == key and record.get("source") == source
+    done = (record is not None and record.get("key") == key and record.get("source") == source
             and tar.is_file() and tar.stat().st_size == record.get("bytes"))
+    return done and (not verify or file_crc32(tar) == record.get("crc32"))
 
 
 @torch.no_grad()
@@ -92,6 +102,16 @@ def encode_shard(source: str, target: Path, cfg, first_stage, conditioner, with_
     for stale in glob.glob(f"{target}.*.tmp"):  # left by an interrupted build of this shard
         os.remove(stale)
     tmp = Path(f"{target}.{os.getpid()}.tmp")
+    try:
+        count = _write_shard(tmp, loader, first_stage, conditioner, with_context, device)
+        os.replace(tmp, target)
+    except OSError as e:  # disk full, quota, read-only: the OS's reason and the path, the partial shard removed
+        tmp.unlink(missing_ok=True)
+        raise CacheError(write_error_message(e, tmp, f"the shards recorded so far are kept: {RESUME}")) from None
+    return {"count": count, "skipped": loader.skipped, "bytes": target.stat().st_size, "crc32": file_crc32(target)}
+
+
+def _write_shard(tmp: Path, loader, first_stage, conditioner, with_context: bool, device) -> int:
     count = 0
     with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0.0) as sink:
         for batch in loader:
@@ -107,10 +127,10 @@ def encode_shard(source: str, target: Path, cfg, first_stage, conditioner, with_
             for i, key in enumerate(batch["key"]):
                 sample = {"__key__": key, **batch["members"][i]}
                 sample.update({name: npy_bytes(array[i]) for name, array in arrays.items()})
+                sample[SUMS_MEMBER] = member_sums(sample)  # checked by the training loader before use
                 sink.write(sample)
                 count += 1
-    os.replace(tmp, target)
-    return {"count": count, "skipped": loader.skipped, "bytes": target.stat().st_size}
+    return count
 
 
 def build_cache(cfg, out_dir: str | os.PathLike | None = None, rank: int | None = None, world: int | None = None,
@@ -136,7 +156,10 @@ def build_cache(cfg, out_dir: str | os.PathLike | None = None, rank: int | None 
     parts = cache_key_parts(cfg, first_stage, conditioner)
     key = cache_key(parts)
     sources = source_urls(cfg.data.shards)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheError(write_error_message(e, out, "nothing was written")) from None
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         try:
@@ -149,7 +172,7 @@ def build_cache(cfg, out_dir: str | os.PathLike | None = None, rank: int | None 
     print(f"[ldm] latent cache {out}: rank {rank}/{world} encodes {len(mine)} of {len(sources)} shard(s) on {device}"
           + (", with the frozen conditioner's context" if with_context else ""), flush=True)
     for i in mine:
-        if _done(out, i, key, sources[i]):
+        if _done(out, i, key, sources[i], verify=True):
             continue
         start = time.perf_counter()
         target = out / SHARD_NAME.format(i)
@@ -167,7 +190,8 @@ def build_cache(cfg, out_dir: str | os.PathLike | None = None, rank: int | None 
     manifest = {"version": CACHE_VERSION, "key": key, "parts": parts, "dtype": "float32",
                 "sources": sources, "count": sum(r["count"] for r in records),
                 "skipped": {k: sum(r["skipped"].get(k, 0) for r in records) for k in SKIP_KINDS},
-                "shards": [{k: r[k] for k in ("file", "source", "count", "bytes", "skipped")} for r in records]}
+                "shards": [{k: r[k] for k in ("file", "source", "count", "bytes", "crc32", "skipped")}
+                           for r in records]}
     _write_json(manifest_path, manifest)
     skipped = {k: n for k, n in manifest["skipped"].items() if n} or "none"
     print(f"[ldm] {manifest_path}: {manifest['count']} samples in {len(records)} shard(s), skipped {skipped}; "

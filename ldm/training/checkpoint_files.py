@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ldm.errors import CheckpointError, CheckpointWriteError
+from ldm.errors import CheckpointError, CheckpointWriteError, os_reason
 
 STEP_DIR = re.compile(r"^step_(\d{8})(\.old)?$")
 MANIFEST = "manifest.json"
@@ -182,9 +182,9 @@ def _writing(tmp: Path, run_dir: Path, step: int):
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as e:
+        reason = os_reason(e, tmp)  # before the removal frees the space it may read off the filesystem
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"could not write checkpoint step {step} into {tmp} "
-                                   f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e}); "
+        raise CheckpointWriteError(f"could not write checkpoint step {step} into {tmp} ({reason}); "
                                    f"the partial copy was removed and {_kept(run_dir)}") from None
 
 

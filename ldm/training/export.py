@@ -16,19 +16,23 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from ldm.convert import arch as archs
 from ldm.convert.export import WEIGHTS, scheduler_config, unet_to_diffusers, vae_to_diffusers
+from ldm.data.integrity import with_checksum
+from ldm.errors import CheckpointWriteError, write_error_message
 from ldm.training.runs import load_run
 
 
 def _write_model(folder: Path, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / WEIGHTS),
-              metadata={"format": "pt"})
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    # the tensors' CRC-32 in the metadata: ldm.convert verifies it when the folder is loaded (diffusers ignores it)
+    save_file(state, str(folder / WEIGHTS), metadata=with_checksum(state, {"format": "pt"}))
 
 
 def export_task(task: nn.Module, out_dir: str | os.PathLike, schedule: Mapping[str, Any],
@@ -65,6 +69,10 @@ def export_task(task: nn.Module, out_dir: str | os.PathLike, schedule: Mapping[s
                 print(f"[ldm] note: the text encoder's output is {conditioner.output!r}; diffusers' pipeline "
                       "uses the last hidden state unless called with clip_skip=1")
         os.replace(tmp, out)
+    except (OSError, SafetensorError) as e:  # disk full, read-only, permissions: the OS's reason and the path
+        reason = write_error_message(e, tmp, f"nothing was left behind and {out} was not created")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(reason) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
