@@ -53,8 +53,17 @@ class DataConfig:
     shards: str = MISSING  # training shards: brace pattern, glob or comma-separated list
     val_shards: Optional[str] = None  # held-out shards for metrics / sample prompts
     image_size: int = 64  # pixels; images are resized (shorter side) and centre-cropped
-    shuffle_buffer: int = 1000  # samples held for shuffling in each loader worker
+    # Training reads one global sample order, the same for any number of processes and loader workers
+    # (ldm/data/order.py): the shards of each epoch are dealt to `lanes` streams, and each global batch takes
+    # its samples from every lane. None: min(global batch, number of shards), so each position of a batch
+    # comes from its own shard. A checkpoint resumes on another process count only with the same lanes.
+    lanes: Optional[int] = None
+    shuffle_buffer: int = 100  # samples held for shuffling in EACH lane (memory: lanes per process x this)
     resample: bool = False  # draw shards with replacement (infinite stream, no epochs)
+    # Remote shards (http(s)://, pipe:) are read through ldm/data/remote.py:
+    retries: int = 3  # re-tries (exponential backoff) of a shard whose source answers with an error; then skipped
+    timeout: float = 30.0  # seconds without a byte before a connection counts as stalled and is re-opened
+    max_wait: float = 600.0  # seconds with nothing readable (server gone) before the run checkpoints and stops
     caption_field: str = "txt"  # "txt" reads KEY.txt; "json:<field>" reads a field of KEY.json
     label_field: Optional[str] = None  # a KEY.json field giving an integer class label
     num_workers: int = 2  # DataLoader workers per rank

@@ -32,3 +32,8 @@ class RunLockedError(RunError):
 class CacheError(RunError):
     """A latent cache (`data.latents`) that is missing, incomplete, corrupt or stale: the message names
     the directory and the mismatch, and says how to rebuild it."""
+
+
+class DataUnavailable(DataError):
+    """No byte of training data could be read for `data.max_wait` seconds (a shard server went away): the
+    run checkpoints and stops; rerun the same command when the data is back."""

@@ -13,6 +13,8 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from ldm.diffusion.draws import per_sample, sample_seed
+from ldm.errors import DataUnavailable
 from ldm.training.checkpoint import config_fingerprint, load_checkpoint, resolve_resume, save_checkpoint
 from ldm.data.latent_cache import check_cache
 from ldm.training.ema import EMA
@@ -139,6 +141,7 @@ def train(cfg) -> Path:
         return path
 
     trace = (run_dir / f"trace_rank{rank}.txt").open("a") if cfg.trainer.trace else None
+    fault_group = _cpu_group()
     data = iter(loader)
     bar = tqdm(total=cfg.trainer.max_steps, initial=step, disable=not (cfg.trainer.progress and
                                                                        accelerator.is_main_process), dynamic_ncols=True)
@@ -151,22 +154,38 @@ def train(cfg) -> Path:
     # No host sync inside the step (a .item() or float() of a device tensor waits for the GPU queue to drain):
     # the NaN guard's decision stays on the device, and values are read only at log steps.
     # The stop decision is all-reduced after every step, so all ranks leave the loop at the same step.
-    while step < cfg.trainer.max_steps and not stop.agreed():
+    data_fault, data_gone = None, False  # DataUnavailable: no byte of data readable for data.max_wait seconds
+    global_batch = cfg.trainer.batch_size
+    while step < cfg.trainer.max_steps:
+        # The step's micro-batches are fetched BEFORE the all-reduced stop decision: a rank whose data source
+        # is gone then stops with all the others at this step (the position goes back to `mark`) instead of
+        # leaving them waiting in the backward all-reduce.
+        mark = loader.state_dict()
+        with meter.waiting():
+            try:
+                batches = [next(data) for _ in range(accum)]
+            except DataUnavailable as e:
+                data_fault = e
+        data_gone = _any_rank(data_fault is not None, fault_group)
+        if stop.agreed() | data_gone:
+            loader.load_state_dict(mark)  # the step not trained is the first one after the resume
+            break
         skip = None
-        for micro_step in range(accum):
-            # The random draws of each micro-batch (noise, timesteps, condition dropout) come from a seed of
-            # (seed, its index in the global batch stream): a run's randomness does not depend on how many
-            # processes share the global batch, so 2 processes train the same model as 1.
+        for micro_step, batch in enumerate(batches):
+            # The random draws of each micro-batch (noise, timesteps, condition dropout) come from seeds of
+            # (seed, each sample's index in the global sample stream: ldm/diffusion/draws.py), and anything else
+            # from the micro-batch's index: a run's randomness does not depend on how many processes share the
+            # global batch, so 1, 2 or 4 processes train the same model.
             torch.manual_seed(micro_batch_seed(cfg.trainer.seed, (step * accum + micro_step) * world + rank))
-            with meter.waiting():
-                batch = next(data)
+            first = step * global_batch + (micro_step * world + rank) * micro
+            seeds = [sample_seed(cfg.trainer.seed, first + j) for j in range(len(batch["key"]))]
             batch = to_device(batch, accelerator.device)
             images, phase = len(batch["key"]), task.step_phase(step)
             if phase not in flops_per_image:
                 with meter.excluded():
                     flops_per_image[phase] = count_step_flops(task, batch, step, accelerator.autocast) / images
                 accelerator.print(meter.describe(flops_per_image[phase], step))
-            with accelerator.accumulate(model), accelerator.autocast():
+            with accelerator.accumulate(model), accelerator.autocast(), per_sample(seeds):
                 loss, logs = model(batch, step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -217,6 +236,12 @@ def train(cfg) -> Path:
             trace.write(f"ema_checksum {sum(float(v.double().sum()) for v in ema.state_dict().values())!r}\n")
         trace.close()
 
+    if data_gone and stop.received is None:
+        path = checkpoint(f"data unavailable at step {step}")
+        accelerator.end_training()
+        if data_fault is not None:
+            raise DataUnavailable(f"{data_fault}; checkpoint {path.name} saved: rerun the same command to resume")
+        sys.exit(1)  # another rank's data source is gone: it says which
     if stop.received is not None and step < cfg.trainer.max_steps:
         path = checkpoint(f"{stop.received.name} at step {step}")
         accelerator.print(f"[ldm] stopped by {stop.received.name}; rerun the same command to resume from {path.name}")
@@ -235,6 +260,25 @@ def train(cfg) -> Path:
         print(f"[ldm] images in {run_dir / 'images'}, checkpoints in {run_dir / 'checkpoints'}")
     accelerator.end_training()
     return run_dir
+
+
+def _cpu_group():
+    """A gloo group for the per-step data-fault vote (a host flag: no GPU sync), None for one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def _any_rank(flag: bool, group) -> bool:
+    if group is None:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def micro_batch_seed(seed: int, index: int) -> int:
