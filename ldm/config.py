@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import os
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
@@ -223,6 +224,23 @@ def check_trainer(cfg: Any) -> None:
     for key, zero in (("eval_every", "only at the end"), ("keep_last", "keep all"), ("lr_warmup_steps", "none")):
         if t[key] < 0:
             raise ConfigError(f"trainer.{key}={t[key]}: must be >= 0 (0 = {zero})")
+    # The launcher sets WORLD_SIZE: a batch the processes cannot share is refused here, on every rank alike,
+    # before any process group exists (train/main.py prints it once, from rank 0).
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro = t.micro_batch_size or t.batch_size // world
+    if micro < 1 or t.batch_size % (micro * world):
+        raise ConfigError(f"trainer.batch_size={t.batch_size} cannot be shared by {world} processes"
+                          + (f" with trainer.micro_batch_size={t.micro_batch_size}" if t.micro_batch_size else "")
+                          + f": the global batch must be a multiple of micro-batch x processes (here e.g. "
+                          f"{', '.join(str(n) for n in range(1, t.batch_size + 1) if t.batch_size % n == 0)} "
+                          f"processes); a checkpoint resumes on any of those")
+    d = cfg.data
+    if d.get("lanes") is not None and not 1 <= d.lanes <= t.batch_size:
+        raise ConfigError(f"data.lanes={d.lanes}: must be between 1 and trainer.batch_size ({t.batch_size}), or "
+                          f"null for min(batch, shards)")
+    if d.get("retries", 0) < 0 or d.get("timeout", 1) <= 0 or d.get("max_wait", 1) <= 0:
+        raise ConfigError(f"data.retries={d.retries} must be >= 0, data.timeout={d.timeout} and "
+                          f"data.max_wait={d.max_wait} > 0 (seconds)")
     if t.mixed_precision == Precision.fp16 and len(cfg.model.optim) > 1:
         raise ConfigError(f"trainer.mixed_precision=fp16 with {len(cfg.model.optim)} optimizers "
                           f"({', '.join(cfg.model.optim)}): Accelerate shares ONE GradScaler between them and updates "

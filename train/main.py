@@ -7,6 +7,7 @@
 Rerunning the same command resumes from the newest checkpoint in the run directory.
 """
 import os
+import time
 from contextlib import nullcontext
 
 import hydra
@@ -24,6 +25,9 @@ def main(cfg: DictConfig) -> None:
         check_trainer(cfg)
         check_targets(cfg.model.task, "model.task")
     except ConfigError as e:
+        if int(os.environ.get("RANK", "0")) != 0:  # the same config on every rank: rank 0 says it, once
+            time.sleep(10)  # (the launcher stops the others when the first rank exits: let rank 0 be first)
+            raise SystemExit(1)
         raise SystemExit(f"[ldm] config error: {e}") from None
     from ldm.errors import RunError
     from ldm.training.lock import RunLock
