@@ -98,11 +98,15 @@ class LaneStream(IterableDataset):
                     continue
                 usable += 1
                 yield decoded, (epoch, read)
+            # A lane-epoch with nothing usable: samples read but all skipped means wrong data or fields (an
+            # error now); shards that could not be read (a dead shard, or with resampling an unlucky draw)
+            # are passed over, until EMPTY_RESAMPLED_EPOCHS in a row say that nothing is readable at all.
             empty = empty + 1 if usable == 0 and skip == 0 else 0
-            if empty and (not self.resample or empty >= EMPTY_RESAMPLED_EPOCHS):
+            if empty and ((read and not self.resample) or empty >= EMPTY_RESAMPLED_EPOCHS):
                 skipped = {k: n for k, n in counter.counts.items() if n}
-                raise DataError(f"no usable sample in lane {lane} of {self.lanes} (epoch {epoch}, shards "
-                                f"{self.shards_for(epoch, lane)[:3]}...): read {read} sample(s), skipped "
+                shards = self.shards_for(epoch, lane)
+                raise DataError(f"no usable sample in a whole pass over the {len(shards)} shard(s) of lane {lane} "
+                                f"of {self.lanes} (epoch {epoch}, e.g. {shards[0]}): read {read} sample(s), skipped "
                                 f"{skipped or 'none'}; first reason: {counter.first or 'none'} "
                                 "(check data.shards, data.caption_field, data.label_field)")
             epoch, skip = epoch + 1, 0

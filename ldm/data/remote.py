@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import logging
 import subprocess
 import time
 import urllib.error
 import urllib.request
 
 from ldm.errors import DataUnavailable
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -122,6 +125,9 @@ class RetryingReader:
                 reason = f"{type(e).__name__}: {e}" if not isinstance(e, _Unreachable) else str(e)
             self._close_stream()
             now = time.monotonic()
+            if waited_since is None:
+                log.warning("cannot read %s at byte %d (%s): retrying with backoff for up to %g s (data.max_wait)",
+                            self.url, self.offset, reason, self.policy.max_wait)
             waited_since = waited_since or now
             if now - waited_since >= self.policy.max_wait:
                 raise DataUnavailable(f"nothing could be read from {self.url} for {now - waited_since:.0f} s "
