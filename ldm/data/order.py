@@ -228,6 +228,14 @@ class GlobalLoader:
                                      generator=torch.Generator().manual_seed(0)))
         else:
             source = iter(self.stream)
+        try:
+            yield from self._batches(source)
+        finally:  # workers may be stuck waiting for a server: stop them now, not from a traceback's frame at exit
+            shutdown = getattr(source, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _batches(self, source):
         queues = [collections.deque() for _ in range(self.stream.workers)]
         while True:
             pieces = []
