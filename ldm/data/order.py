@@ -116,8 +116,8 @@ class LaneStream(IterableDataset):
         worker = info.id if info is not None else 0
         try:
             yield from self._pieces(worker)
-        except DataUnavailable as e:  # handed over as an item: the main process raises it as one clean line
-            yield {"__error__": str(e), "__worker__": worker}
+        except DataError as e:  # handed over as an item: the main process raises it as one clean line
+            yield {"__error__": str(e), "__unavailable__": isinstance(e, DataUnavailable), "__worker__": worker}
 
     def _pieces(self, worker: int):
         lanes = self.rank_lanes[worker :: self.workers]
@@ -245,7 +245,7 @@ class GlobalLoader:
                     if item is None:
                         raise RuntimeError(f"data worker {worker} stopped at global batch {self._batch}")
                     if "__error__" in item:
-                        raise DataUnavailable(item["__error__"])
+                        raise (DataUnavailable if item["__unavailable__"] else DataError)(item["__error__"])
                     queues[item["__worker__"]].append(item)
                 piece = queue.popleft()
                 if piece["__batch__"] != self._batch:
