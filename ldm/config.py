@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import os
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
@@ -70,8 +71,17 @@ class DataConfig:
     shards: str = MISSING  # training shards: brace pattern, glob or comma-separated list
     val_shards: Optional[str] = None  # held-out shards for metrics / sample prompts
     image_size: int = 64  # pixels; images are resized (shorter side) and centre-cropped
-    shuffle_buffer: int = 1000  # samples held for shuffling in each loader worker
+    # Training reads one global sample order, the same for any number of processes and loader workers
+    # (ldm/data/order.py): the shards of each epoch are dealt to `lanes` streams, and each global batch takes
+    # its samples from every lane. None: min(global batch, number of shards), so each position of a batch
+    # comes from its own shard. A checkpoint resumes on another process count only with the same lanes.
+    lanes: Optional[int] = None
+    shuffle_buffer: int = 100  # samples held for shuffling in EACH lane (memory: lanes per process x this)
     resample: bool = False  # draw shards with replacement (infinite stream, no epochs)
+    # Remote shards (http(s)://, pipe:) are read through ldm/data/remote.py:
+    retries: int = 3  # re-tries (exponential backoff) of a shard whose source answers with an error; then skipped
+    timeout: float = 30.0  # seconds without a byte before a connection counts as stalled and is re-opened
+    max_wait: float = 600.0  # seconds with nothing readable (server gone) before the run checkpoints and stops
     # "txt" reads KEY.txt; "json:<field>" reads a field of KEY.json; null: no captions (stage 1, unconditional
     # and class models train from image-only shards; with "txt", samples without a caption are skipped)
     caption_field: Optional[str] = "txt"
@@ -272,6 +282,23 @@ def check_trainer(cfg: Any) -> None:
         raise ConfigError(f"trainer.validation: every={t.validation.every} must be >= 0 (0 = only at the end) and "
                           f"steps={t.validation.steps} >= 1 (or null for the model's)")
     validation_prompts(cfg)
+    # The launcher sets WORLD_SIZE: a batch the processes cannot share is refused here, on every rank alike,
+    # before any process group exists (train/main.py prints it once, from rank 0).
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro = t.micro_batch_size or t.batch_size // world
+    if micro < 1 or t.batch_size % (micro * world):
+        raise ConfigError(f"trainer.batch_size={t.batch_size} cannot be shared by {world} processes"
+                          + (f" with trainer.micro_batch_size={t.micro_batch_size}" if t.micro_batch_size else "")
+                          + f": the global batch must be a multiple of micro-batch x processes (here e.g. "
+                          f"{', '.join(str(n) for n in range(1, t.batch_size + 1) if t.batch_size % n == 0)} "
+                          f"processes); a checkpoint resumes on any of those")
+    d = cfg.data
+    if d.get("lanes") is not None and not 1 <= d.lanes <= t.batch_size:
+        raise ConfigError(f"data.lanes={d.lanes}: must be between 1 and trainer.batch_size ({t.batch_size}), or "
+                          f"null for min(batch, shards)")
+    if d.get("retries", 0) < 0 or d.get("timeout", 1) <= 0 or d.get("max_wait", 1) <= 0:
+        raise ConfigError(f"data.retries={d.retries} must be >= 0, data.timeout={d.timeout} and "
+                          f"data.max_wait={d.max_wait} > 0 (seconds)")
     if t.mixed_precision == Precision.fp16 and len(cfg.model.optim) > 1:
         raise ConfigError(f"trainer.mixed_precision=fp16 with {len(cfg.model.optim)} optimizers "
                           f"({', '.join(cfg.model.optim)}): Accelerate shares ONE GradScaler between them and updates "

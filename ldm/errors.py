@@ -39,6 +39,11 @@ class CacheError(RunError):
     the directory and the mismatch, and says how to rebuild it."""
 
 
+class DataUnavailable(DataError):
+    """No byte of training data could be read for `data.max_wait` seconds (a shard server went away): the
+    run checkpoints and stops; rerun the same command when the data is back."""
+
+
 class DivergedError(NonFiniteError):
     """Loss or gradient spikes kept coming back after rewinds to the newest healthy checkpoint (or there
     was none to rewind to)."""

@@ -22,6 +22,13 @@ from ldm.training.build import build_task, build_train_loader
 from ldm.training.cache_latents import build_cache
 from train.cache_latents import compose_train_config
 
+
+def train_loader(cfg, batch: int):
+    """One process's training loader with a global batch of `batch` (the global order needs it whole)."""
+    from omegaconf import OmegaConf
+
+    return build_train_loader(OmegaConf.merge(cfg, {"trainer": {"batch_size": batch}}), batch, 0, 1)
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.image_size=32", "data.shuffle_buffer=16", "debug=default"]
 TINY_SD_V1 = ["model.task.unet.model_channels=32", "model.task.unet.channel_mult=[1,2]",
@@ -116,7 +123,7 @@ def test_a_step_from_the_cache_gives_the_online_loss(cache):
     cfg = cache["cfg"]
     task = build_task(cfg).task.train()
     task.conditioner.fit_tokenizer([s["caption"] for s in cache["sources"].values()])
-    cached = next(iter(build_train_loader(cfg, 8, 0, 1)))
+    cached = next(iter(train_loader(cfg, 8)))
     assert "image" not in cached and cached["latent_mean"].shape == cached["latent_logvar"].shape == (8, 4, 8, 8)
     online = online_batch(cache["sources"], cached["key"])
     losses = {}
@@ -135,14 +142,14 @@ def test_a_step_from_the_cache_gives_the_online_loss(cache):
 
 def test_cache_loader_resumes_exactly(cache):
     cfg = cache["cfg"]
-    loader = build_train_loader(cfg, 8, 0, 1)
+    loader = train_loader(cfg, 8)
     stream = iter(loader)
     for _ in range(3):
         next(stream)
     state = loader.state_dict()
     expected = [next(stream) for _ in range(2)]
     stream.close()
-    resumed = build_train_loader(cfg, 8, 0, 1)
+    resumed = train_loader(cfg, 8)
     resumed.load_state_dict(state)
     again = iter(resumed)
     for want in expected:
@@ -225,7 +232,7 @@ def test_missing_incomplete_or_corrupt_cache_is_refused(cache, tmp_path):
 
     def refused(match):
         with pytest.raises(CacheError, match=match):
-            build_train_loader(cfg, 4, 0, 1)
+            train_loader(cfg, 4)
 
     (broken / "latents-000003.tar").write_bytes((broken / "latents-000003.tar").read_bytes()[:5000])
     refused("latents-000003.tar has 5000 bytes, cache.json says")
@@ -362,7 +369,7 @@ def test_a_vq_first_stage_caches_its_deterministic_latent(shapes_shards, tmp_pat
                                atol=1e-5)
     task = build_task(cfg).task.train()
     task.conditioner.fit_tokenizer([s["caption"] for s in sources.values()])
-    cached = next(iter(build_train_loader(cfg, 8, 0, 1)))
+    cached = next(iter(train_loader(cfg, 8)))
     torch.testing.assert_close(seeded_loss(task, cached), seeded_loss(task, online_batch(sources, cached["key"])),
                                rtol=1e-5, atol=1e-6)
 
@@ -384,7 +391,7 @@ def test_frozen_text_encoder_context_is_cached(shapes_shards, tiny_autoencoder, 
     assert context.shape == (48, 16, 384)
     np.testing.assert_allclose(context, expected.numpy(), rtol=1e-5, atol=1e-5)
 
-    cached = next(iter(build_train_loader(cfg, 8, 0, 1)))
+    cached = next(iter(train_loader(cfg, 8)))
     assert cached["context"].shape == (8, 16, 384)
     calls = []
     task.conditioner.model.register_forward_hook(lambda *args: calls.append(1))

@@ -307,3 +307,79 @@ def test_make_shards_folder(tmp_path):
     report = make_shards(str(folder), str(tmp_path / "out_csv"), captions=str(table))
     batch = next(iter(build_loader(report["train"], batch_size=8, image_size=SIDE, num_workers=0, epochs=1)))
     assert dict(zip(batch["key"], batch["caption"])) == {"cat": "from csv", "sub_dog": "dog from csv", "bird": "a bird"}
+
+
+# ------------------------------------------------------------------------------- the global sample order
+def _global(urls, rank, world, workers, global_batch=6, seed=0, **kw):
+    from ldm.data.decode import SampleDecoder
+    from ldm.data.order import build_global_loader
+
+    return build_global_loader(expand_urls(urls), decoder=SampleDecoder(SIDE, "txt", "label"),
+                               global_batch=global_batch, micro_batch=global_batch // world // kw.pop("accum", 1),
+                               rank=rank, world_size=world, num_workers=workers, seed=seed, shuffle_buffer=10,
+                               resample=False, **kw)
+
+
+def _global_batches(loaders, steps, accum=1):
+    """Global batches: each rank's micro-batches of a step, in the loop's order (micro a of rank r = a*W+r)."""
+    iters = [iter(loader) for loader in loaders]
+    batches = []
+    for _ in range(steps):
+        micro = [[next(it)["key"] for it in iters] for _ in range(accum)]
+        batches.append([k for per_rank in micro for keys in per_rank for k in keys])
+    return batches
+
+
+def test_global_order_is_the_same_for_any_process_and_worker_count(shards, bad_shards):
+    urls = [*shards.files, bad_shards.split(",")[0]]  # 7 shards, bad samples among them
+    reference = _global_batches([_global(urls, 0, 1, 0)], 20)
+    for world, workers, accum in ((2, 2, 1), (3, 0, 1), (2, 1, 3), (1, 3, 2)):
+        loaders = [_global(urls, r, world, workers, accum=accum) for r in range(world)]
+        got = _global_batches(loaders, 20, accum)
+        assert [sorted(b) for b in got] == [sorted(b) for b in reference], (world, workers, accum)
+    assert reference != _global_batches([_global(urls, 0, 1, 0, seed=1)], 20)
+
+
+def test_global_position_resumes_on_another_process_count(shards):
+    reference = _global_batches([_global(shards.pattern, 0, 1, 1)], 14)
+    epoch = sorted(k for b in reference[:8] for k in b)  # 6 equal lanes of 8: 8 batches are one epoch
+    assert epoch == [f"s{i:03d}" for i in range(48)]
+    two = [_global(shards.pattern, r, 2, 1) for r in range(2)]
+    head = _global_batches(two, 5)
+    states = [loader.state_dict() for loader in two]
+    assert states[0]["batch"] == 5 and set(states[0]["lanes"]).isdisjoint(states[1]["lanes"])  # each its lanes
+    for world in (1, 3, 6):
+        loaders = [_global(shards.pattern, r, world, 2) for r in range(world)]
+        for loader in loaders:
+            loader.load_state_dict(states)
+        assert head + _global_batches(loaders, 9) == reference, world
+    changed = _global(shards.pattern, 0, 1, 0, lanes=3)
+    with pytest.raises(ValueError, match="lane_count"):
+        changed.load_state_dict(states)
+
+
+def test_global_order_validates_lanes(shards):
+    with pytest.raises(ValueError, match="data.lanes=7 must be between 1 and the global batch"):
+        _global(shards.pattern, 0, 1, 0, lanes=7)
+    with pytest.raises(ValueError, match=r"data.lanes=6 > 5 shard"):
+        _global(shards.files[:5], 0, 1, 0, lanes=6)
+
+
+def test_per_sample_draws_do_not_depend_on_the_batch_split():
+    from ldm.diffusion import draws
+
+    seeds = [draws.sample_seed(0, i) for i in range(6)]
+    with draws.per_sample(seeds):
+        whole = (draws.randn((6, 2, 3)), draws.randint(0, 1000, (6,)), draws.rand((6,)))
+    parts = []
+    for chunk in (seeds[:2], seeds[2:3], seeds[3:]):
+        with draws.per_sample(chunk):
+            parts.append((draws.randn((len(chunk), 2, 3)), draws.randint(0, 1000, (len(chunk),)),
+                          draws.rand((len(chunk),))))
+    for i, tensor in enumerate(whole):
+        assert torch.equal(tensor, torch.cat([p[i] for p in parts]))
+    assert not torch.equal(whole[0][0], whole[0][1])  # rows differ
+    torch.manual_seed(3)
+    outside = draws.randn((6, 2, 3))
+    torch.manual_seed(3)
+    assert torch.equal(outside, torch.randn(6, 2, 3))  # outside per_sample: the global RNG, as before

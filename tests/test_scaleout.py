@@ -16,7 +16,7 @@ from tests.launch import ENV, alive, children, env_of, kill_group, launch_cmd, r
 
 def stage2_args(shards, first_stage, run_dir, *extra):
     return ["model=ldm_txt2img_tiny", "data=shapes", f"data.shards='{shards['train']}'",
-            f"data.val_shards='{shards['val']}'", "data.image_size=32", "data.shuffle_buffer=0", "trainer=debug",
+            f"data.val_shards='{shards['val']}'", "data.image_size=32", "trainer=debug",
             "trainer.ckpt_every=1000", "trainer.trace=true", "logger=none", f"model.first_stage.ckpt={first_stage}",
             f"run_dir={run_dir}", *extra]
 
@@ -65,15 +65,13 @@ def test_every_stage2_preset_trains_and_samples_at_two_processes(shapes_shards, 
 
 
 def test_two_processes_equal_one_ddp_fsdp_and_across_strategies(shapes_shards, tiny_autoencoder, tmp_path):
-    """Same global batch (4), same samples and noise: 1 process x 2 accumulation steps == 2 processes (DDP)
-    == 2 processes (FSDP), up to float summation order. The EMA is identical on every rank. A run saved
-    under FSDP resumes under DDP."""
+    """The same command with the default data settings (shuffle buffer, loader workers, micro-batch = global
+    batch / processes): 1 process == 2 processes (DDP) == 2 processes (FSDP, other worker count), up to float
+    summation order. The EMA is identical on every rank. A run saved under FSDP resumes under DDP."""
     one, ddp, fsdp = tmp_path / "one", tmp_path / "ddp", tmp_path / "fsdp"
     steps = ["trainer.max_steps=3"]
-    # one process, 2 loader workers (worker w reads the shards rank w reads with 2 processes), micro-batch 2
-    run(launch_cmd(1, *stage2_args(shapes_shards, tiny_autoencoder, one, *steps, "data.num_workers=2",
-                                   "trainer.micro_batch_size=2")))
-    run(launch_cmd(2, *stage2_args(shapes_shards, tiny_autoencoder, ddp, *steps, "data.num_workers=1")))
+    run(launch_cmd(1, *stage2_args(shapes_shards, tiny_autoencoder, one, *steps)))
+    run(launch_cmd(2, *stage2_args(shapes_shards, tiny_autoencoder, ddp, *steps)))
     run(launch_cmd(2, *stage2_args(shapes_shards, tiny_autoencoder, fsdp, *steps, "data.num_workers=1",
                                    "trainer.strategy=fsdp")))
 
@@ -81,6 +79,7 @@ def test_two_processes_equal_one_ddp_fsdp_and_across_strategies(shapes_shards, t
     for run_dir in (ddp, fsdp):
         (k0, sums0), (k1, sums1) = trace(run_dir, 0), trace(run_dir, 1)
         assert {s: k0[s] | k1[s] for s in k0} == keys_one, "the global batches differ"
+        assert all(not k0[s] & k1[s] for s in k0), "two ranks read the same sample"
         assert sums0 == sums1 and "ema_checksum" in sums0, f"weights/EMA differ across ranks: {sums0} {sums1}"
     # stated tolerances: DDP 1e-6 absolute (gradient summation order), FSDP 1e-5 (sharded reductions)
     assert max_diff(final(one), final(ddp)) <= 1e-6
@@ -91,13 +90,24 @@ def test_two_processes_equal_one_ddp_fsdp_and_across_strategies(shapes_shards, t
 
     # saved under FSDP, resumed under DDP (and the 1-process run resumed as it was): still equal
     more = ["trainer.max_steps=5"]
-    run(launch_cmd(1, *stage2_args(shapes_shards, tiny_autoencoder, one, *more, "data.num_workers=2",
-                                   "trainer.micro_batch_size=2")))
-    proc = run(launch_cmd(2, *stage2_args(shapes_shards, tiny_autoencoder, fsdp, *more, "data.num_workers=1",
+    run(launch_cmd(1, *stage2_args(shapes_shards, tiny_autoencoder, one, *more)))
+    proc = run(launch_cmd(2, *stage2_args(shapes_shards, tiny_autoencoder, fsdp, *more, "data.num_workers=0",
                                           "trainer.strategy=ddp")))
     assert "resuming step_00000003" in proc.stdout
     assert max_diff(final(one), final(fsdp)) <= 1e-5
     assert max_diff(final(one, "ema"), final(fsdp, "ema")) <= 1e-5
+
+
+@pytest.mark.slow
+def test_four_processes_equal_one_with_default_settings(shapes_shards, tiny_autoencoder, tmp_path):
+    """4 processes (micro-batch 1 each, one loader worker, default shuffle) train the model 1 process trains."""
+    one, four = tmp_path / "one", tmp_path / "four"
+    run(launch_cmd(1, *stage2_args(shapes_shards, tiny_autoencoder, one, "trainer.max_steps=3")))
+    run(launch_cmd(4, *stage2_args(shapes_shards, tiny_autoencoder, four, "trainer.max_steps=3")))
+    traces = [trace(four, r)[0] for r in range(4)]
+    assert {s: set().union(*(t[s] for t in traces)) for s in traces[0]} == trace(one, 0)[0]
+    assert max_diff(final(one), final(four)) <= 1e-6
+    assert max_diff(final(one, "ema"), final(four, "ema")) <= 1e-6
 
 
 def test_two_machines_on_loopback_train_resume_and_match_one_machine(shapes_shards, tiny_autoencoder, tmp_path):
@@ -174,3 +184,46 @@ def test_signals_checkpoint_every_rank_and_resume_bit_identical(shapes_shards, t
               for d in (reference, resumed))
     for k, v in oa["optimizers"]["unet"]["state"].items():
         assert all(torch.equal(v[s], ob["optimizers"]["unet"]["state"][k][s]) for s in v), k
+
+
+def keys_by_step(run_dir):
+    """step -> the keys trained on at that step, over every rank's trace (all the runs in run_dir)."""
+    steps = {}
+    for path in sorted(Path(run_dir).glob("trace_rank*.txt")):
+        for line in path.read_text().splitlines():
+            if line[:1].isdigit():
+                step, key = line.split()
+                steps.setdefault(int(step), []).append(key)
+    return steps
+
+
+@pytest.mark.slow
+def test_elastic_resume_2_1_2_4_continues_the_global_order(shapes_shards, tiny_autoencoder, tmp_path):
+    """One run directory trained 4 steps at a time on 2, 1, 2, then 4 processes (each resuming the last one's
+    checkpoint) sees the samples of a straight 1-process run, step by step: none lost, none repeated; and,
+    since the per-sample random draws continue too, it ends with the same weights."""
+    reference, elastic = tmp_path / "reference", tmp_path / "elastic"
+    run(launch_cmd(1, *stage2_args(shapes_shards, tiny_autoencoder, reference, "trainer.max_steps=16")))
+    for procs, steps, before in ((2, 4, None), (1, 8, 2), (2, 12, 1), (4, 16, 2)):
+        proc = run(launch_cmd(procs, *stage2_args(shapes_shards, tiny_autoencoder, elastic, f"trainer.max_steps={steps}")))
+        if before is not None:
+            assert f"written by {before} processes on {procs}" in proc.stdout, proc.stdout[-2000:]
+            assert "order starts over" not in proc.stdout
+    want, got = keys_by_step(reference), keys_by_step(elastic)
+    assert sorted(got) == list(range(16)) and all(len(got[s]) == 4 for s in got)
+    assert {s: sorted(k) for s, k in got.items()} == {s: sorted(k) for s, k in want.items()}
+    seen = [k for s in sorted(got) for k in got[s]]
+    assert len(set(seen)) == len(seen) == 64  # 64 of the epoch's 192 samples, each once
+    assert max_diff(final(reference), final(elastic)) <= 1e-6
+    assert max_diff(final(reference, "ema"), final(elastic, "ema")) <= 1e-6
+
+
+def test_a_process_count_that_cannot_share_the_batch_is_one_line(shapes_shards, tiny_autoencoder, tmp_path):
+    proc = run(launch_cmd(3, *stage2_args(shapes_shards, tiny_autoencoder, tmp_path / "run")), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert [line for line in out.splitlines() if line.startswith("[ldm]")] == [
+        "[ldm] config error: trainer.batch_size=4 cannot be shared by 3 processes: the global batch must be a "
+        "multiple of micro-batch x processes (here e.g. 1, 2, 4 processes); a checkpoint resumes on any of those"]
+    assert "train/main.py\", line" not in out and "ldm/" not in out.split("[ldm] config error")[0]  # no rank traceback
+    assert not (tmp_path / "run/checkpoints").exists()

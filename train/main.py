@@ -8,6 +8,7 @@ Rerunning the same command resumes from the newest checkpoint in the run directo
 """
 import os
 import sys
+import time
 from contextlib import nullcontext
 
 import hydra
@@ -32,7 +33,10 @@ def main(cfg: DictConfig) -> None:
     try:
         preflight(cfg, trainer_choice=hc.runtime.choices.get("trainer"), overrides=list(hc.overrides.task))
     except ConfigError as e:
-        raise SystemExit(f"[ldm] config error: {e}" if rank0 else 1) from None
+        if not rank0:  # the same config on every rank: rank 0 says it, once
+            time.sleep(10)  # (the launcher stops the others when the first rank exits: let rank 0 be first)
+            raise SystemExit(1)
+        raise SystemExit(f"[ldm] config error: {e}") from None
     from ldm.errors import RunError
     from ldm.training.lock import RunLock
     from ldm.training.loop import train  # imported here so `--cfg job` / `--help` stay instant

@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ldm.data.decode import SKIP_KINDS, SampleDecoder, SkipSample
-from ldm.errors import DataError
+from ldm.data.remote import RetryPolicy, open_shard
+from ldm.errors import DataError, DataUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +143,15 @@ class TailTrackingReader:
         self.raw.close()
 
 
-def read_shard(url: str, counter: SkipCounter):
-    """Raw samples of one shard via webdataset's tar iterators. A shard that fails to open or read
-    (truncated, corrupt, duplicate names) counts one shard_error and ends; the sample read last before
-    the fault is dropped too (it may be incomplete); the other shards carry on."""
+def read_shard(url: str, counter: SkipCounter, policy: RetryPolicy | None = None):
+    """Raw samples of one shard via webdataset's tar iterators, read through `open_shard` (retries, waits for
+    a server that went away: ldm/data/remote.py). A shard that fails to open or read (an http 404, truncated,
+    corrupt, duplicate names) counts one shard_error and ends; the sample read last before the fault is
+    dropped too (it may be incomplete); the other shards carry on. DataUnavailable (nothing readable for
+    data.max_wait seconds) is not a shard's fault and propagates."""
     stream, previous = None, None
     try:
-        stream = TailTrackingReader(wds.gopen(url))
+        stream = TailTrackingReader(open_shard(url, policy))
         for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
             if previous is not None:
                 yield previous
@@ -157,10 +160,12 @@ def read_shard(url: str, counter: SkipCounter):
             raise tarfile.ReadError("archive is cut short (no end-of-archive blocks)")
         if previous is not None:
             yield previous
+    except DataUnavailable:
+        raise
     except Exception as exn:  # (an OSError's args[0] is a bare errno: use its full text, which names the file)
         message = exn.args[0] if exn.args and isinstance(exn.args[0], str) else exn
         counter.skip("shard_error", url, "-", f"{type(exn).__name__}: {message}")
-    finally:
+    finally:  # outside the try: closing must not raise (a failed pipe used to raise here again: a crash)
         if stream is not None:
             stream.close()
 

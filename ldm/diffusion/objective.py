@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ldm.diffusion import draws
 from ldm.diffusion.schedule import NoiseSchedule, at
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
@@ -98,7 +99,10 @@ def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generato
         return noise
     shape = (noise.shape[0], noise.shape[1]) + (1,) * (noise.ndim - 2)
     device = generator.device if generator is not None else noise.device
-    offset = torch.randn(shape, generator=generator, device=device, dtype=noise.dtype).to(noise.device)
+    if generator is None:  # per sample inside ldm.diffusion.draws.per_sample (training steps)
+        offset = draws.randn(shape, device=device, dtype=noise.dtype)
+    else:
+        offset = torch.randn(shape, generator=generator, device=device, dtype=noise.dtype).to(noise.device)
     return noise + strength * offset
 
 

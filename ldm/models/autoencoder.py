@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ldm.data.integrity import verify_tensors, with_checksum
+from ldm.diffusion import draws
 from ldm.modules.ae_blocks import Decoder, Encoder
 from ldm.modules.quantize import VectorQuantizer
 
@@ -37,7 +38,7 @@ class DiagonalGaussianDistribution:
     def sample(self) -> torch.Tensor:
         # reparameterisation trick; ε drawn in the contiguous layout (randn_like would follow the strides the
         # convolutions chose, channels-last with oneDNN on CPU), so a seed gives the same z whatever the backend
-        eps = torch.randn(self.mean.shape, dtype=self.mean.dtype, device=self.mean.device)
+        eps = draws.randn(self.mean.shape, dtype=self.mean.dtype, device=self.mean.device)  # per sample in training
         return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:

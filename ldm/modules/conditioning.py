@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ldm.diffusion import draws
+
 from ldm.modules.tokenizer import _check_captions
 
 NULL_CAPTION = ""  # the text encoders' null condition: an empty prompt (as in Stable Diffusion)
@@ -57,6 +59,8 @@ def sample_drop_mask(batch_size: int, rate: float, device=None, generator=None) 
     """BoolTensor (B,): each row dropped to the null condition with probability `rate` (CFG training)."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"sample_drop_mask: rate={rate} is not a probability")
+    if generator is None:  # per sample inside ldm.diffusion.draws.per_sample (training steps)
+        return draws.rand((batch_size,), device=device) < rate
     return torch.rand(batch_size, device=device, generator=generator) < rate
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 import torch.nn.functional as F
 
+from ldm.diffusion import draws
 from ldm.diffusion.objective import add_noise, diffusion_loss, offset_noise
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.modules.attention import SpatialTransformer
@@ -155,7 +156,7 @@ class LatentDiffusionTask(Task):
             return self.encode(batch["image"]).contiguous()
         z = batch["latent_mean"].float()
         if self.sample_posterior and self.training and "latent_logvar" in batch:
-            z = z + torch.exp(0.5 * batch["latent_logvar"].float()) * torch.randn(z.shape, device=z.device)
+            z = z + torch.exp(0.5 * batch["latent_logvar"].float()) * draws.randn(z.shape, device=z.device)
         return z * self.first_stage.scale_factor
 
     def condition(self, batch: dict, drop: torch.Tensor | None, latent_size: tuple[int, int]) -> dict:
@@ -176,8 +177,8 @@ class LatentDiffusionTask(Task):
     def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         z = self.latents(batch)
         b = z.shape[0]
-        noise = offset_noise(torch.randn_like(z), self.offset_noise)
-        t = torch.randint(0, self.schedule.num_timesteps, (b,), device=z.device)
+        noise = offset_noise(draws.randn(z.shape, device=z.device, dtype=z.dtype), self.offset_noise)
+        t = draws.randint(0, self.schedule.num_timesteps, (b,), device=z.device)
         # The drop mask is drawn on the host: text conditioners need it there, and reading a device mask
         # would be a host sync every step (the others copy it over without blocking).
         drop = sample_drop_mask(b, self.ucg_rate, device="cpu") if self.training else None

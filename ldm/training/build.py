@@ -16,7 +16,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ldm.config import check_targets
-from ldm.data.webdataset import build_loader
+from ldm.data.decode import SampleDecoder
+from ldm.data.order import build_global_loader
+from ldm.data.remote import RetryPolicy
+from ldm.data.webdataset import build_loader, expand_urls
 from ldm.training.tracking import tracker_for
 
 
@@ -102,8 +105,9 @@ def build_scheduler(trainer_cfg, optimizer) -> torch.optim.lr_scheduler.LambdaLR
 
 
 def build_train_loader(cfg, micro_batch: int, rank: int, world_size: int):
-    """Batches of data.shards' images, or of the latent cache `data.latents` (a missing or incomplete cache
-    fails here; whether it is stale is checked against the task: `check_cache`)."""
+    """This rank's micro-batches of the one global sample order (ldm/data/order.py) over data.shards' images,
+    or over the latent cache `data.latents` (a missing or incomplete cache fails here; whether it is stale is
+    checked against the task: `check_cache`)."""
     d = cfg.data
     shards, decoder = d.shards, augmenting_decoder(cfg)
     if d.get("latents"):
@@ -111,11 +115,14 @@ def build_train_loader(cfg, micro_batch: int, rank: int, world_size: int):
 
         shards = cache_shards(d.latents)
         decoder = LatentSampleDecoder(d.image_size, d.caption_field, d.label_field)
-    return build_loader(shards, batch_size=micro_batch, image_size=d.image_size, rank=rank, world_size=world_size,
-                        num_workers=d.num_workers, seed=cfg.trainer.seed, shuffle_buffer=d.shuffle_buffer,
-                        resample=d.resample, caption_field=d.caption_field, label_field=d.label_field,
-                        pin_memory=torch.cuda.is_available(),  # page-locked batches: to_device copies without blocking
-                        decoder=decoder)
+    policy = RetryPolicy(retries=d.retries, timeout=d.timeout, max_wait=d.max_wait)
+    return build_global_loader(expand_urls(shards), decoder=decoder or SampleDecoder(d.image_size, d.caption_field,
+                                                                                      d.label_field),
+                               global_batch=cfg.trainer.batch_size, micro_batch=micro_batch, rank=rank,
+                               world_size=world_size, num_workers=d.num_workers, seed=cfg.trainer.seed,
+                               shuffle_buffer=d.shuffle_buffer, resample=d.resample, lanes=d.lanes,
+                               pin_memory=torch.cuda.is_available(),  # page-locked: to_device copies without blocking
+                               policy=policy)
 
 
 def augmenting_decoder(cfg):

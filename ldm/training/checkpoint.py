@@ -5,7 +5,8 @@ Layout of `<run_dir>/checkpoints/step_00001234/`:
   ema.safetensors     EMA weights, when the model keeps an EMA
   training.pt         optimizer states (keyed by parameter name) + LR-scheduler states + the step guard's
                       counters and running loss / gradient-norm statistics
-  rank_<r>.pt         per-rank RNG states (python, numpy, torch, cuda) and the data loader's position
+  rank_<r>.pt         per-rank RNG states (python, numpy, torch, cuda) and the data position of the rank's
+                      lanes (merged from all ranks on resume, so another process count continues the order)
   manifest.json       step, and size + CRC-32 of every file above
   state.json          step, model name, model-config fingerprint, world size, health — written LAST
 
@@ -192,9 +193,12 @@ def _read_checkpoint(path: Path, rank: int, world_size: int, state: dict, with_e
              "training": _safe_torch_load(path / "training.pt")}
     if with_ema:
         files["ema"] = _load_safetensors(path / "ema.safetensors")
-    rank_file = path / f"rank_{rank}.pt"
-    if state["world_size"] == world_size and rank_file.is_file():
-        files["per_rank"] = _safe_torch_load(rank_file)
+    # The data position: every rank's file (the positions are merged by lane, so any process count resumes
+    # them); the RNG states: this rank's, when the process count is unchanged.
+    saved = [_safe_torch_load(path / f"rank_{r}.pt") for r in range(state["world_size"])]
+    files["data"] = [s["data"] for s in saved]
+    if state["world_size"] == world_size:
+        files["per_rank"] = saved[rank]
     return files
 
 
@@ -340,18 +344,19 @@ class Checkpointer:
         return step
 
     def _restore_position(self, files: dict, path: Path, state: dict) -> None:
-        rank, world_size, loader = self.rank, self.world_size, self.loader
+        """The data position of every lane (merged from all ranks' files, so another process count continues
+        the same global order) and, on the same process count, each rank's RNG states."""
+        rank, world_size = self.rank, self.world_size
         if "per_rank" in files:
-            per_rank = files["per_rank"]
-            set_rng_state(per_rank["rng"])
-            try:
-                loader.load_state_dict(per_rank["data"])
-            except ValueError as e:  # e.g. data.num_workers changed: exact position impossible
-                print(f"[ldm] rank {rank}: cannot restore the exact data position ({e}); restarting its epoch")
-                loader.load_state_dict(per_rank["data"], strict=False)
-        elif rank == 0:
-            print(f"[ldm] resuming {path} written by {state['world_size']} processes on {world_size}: "
-                  f"weights and optimizer restored; data position and RNG start fresh")
+            set_rng_state(files["per_rank"]["rng"])
+        try:
+            self.loader.load_state_dict(files["data"])
+        except ValueError as e:  # e.g. data.lanes or the shards changed: the saved order no longer exists
+            if rank == 0:
+                print(f"[ldm] cannot continue the saved sample order ({e}); the data order starts over")
+        if state["world_size"] != world_size and rank == 0:
+            print(f"[ldm] resuming {path} written by {state['world_size']} processes on {world_size}: the global "
+                  f"sample order and the per-sample random draws continue where they stopped")
 
     # -- divergence
     def rewind(self, step: int) -> int:

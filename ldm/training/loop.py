@@ -12,6 +12,7 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from ldm.data.latent_cache import check_cache
+from ldm.errors import DataUnavailable
 from ldm.training.evaluation import held_out_means
 from ldm.tasks.base import RunContext
 from ldm.training.build import (BuiltTask, build_accelerator, build_eval_loader, build_task, build_train_loader,
@@ -71,9 +72,16 @@ def train(cfg) -> Path:
     # Train until max_steps or a stop signal; all ranks agree on both at the same step.
     data = iter(loader)
     with ckpt.stops_name_healthy():
-        while step < cfg.trainer.max_steps and not stop.agreed():
+        while step < cfg.trainer.max_steps:
+            # Fetch the step's micro-batches, then vote: a stop signal, or a rank whose data source is gone,
+            # stops every rank here, and the position goes back to before this step.
+            batches = steps.fetch(data, loader)
+            if stop.agreed() or batches is None:
+                steps.unfetch(loader)
+                break
+
             # Evaluate loss and accumulate gradients; update weights, EMA and schedules.
-            steps.run(step, data)
+            steps.run(step, batches)
             step += 1
 
             # Check the step guard at log and checkpoint steps (the host reads its counters only there).
@@ -105,6 +113,8 @@ def train(cfg) -> Path:
         steps.close()
         if stop.received is not None and step < cfg.trainer.max_steps:
             _stop(cfg, ckpt, stop, step, accelerator)
+        if steps.data_gone:
+            _data_gone(ckpt, steps.data_fault, step, accelerator)
         _finish(cfg, built, run, ckpt, steps, log, step, accelerator)
     return Path(cfg.run_dir)
 
@@ -175,6 +185,15 @@ def _stop(cfg, ckpt: Checkpointer, stop: StopRequest, step: int, accelerator) ->
     accelerator.wait_for_everyone()
     accelerator.end_training()
     sys.exit(stop.exit_code)  # not a completed run: under SLURM the job must not end COMPLETED
+
+
+def _data_gone(ckpt: Checkpointer, fault: Exception | None, step: int, accelerator) -> None:
+    """No data could be read for data.max_wait seconds: checkpoint, then stop with the cause, non-zero."""
+    path = ckpt.save(step, f"data unavailable at step {step}")
+    accelerator.end_training()
+    if fault is not None:
+        raise DataUnavailable(f"{fault}; checkpoint {path.name} saved: rerun the same command to resume")
+    sys.exit(1)  # another rank's data source is gone: that rank says which
 
 
 def _finish(cfg, built: BuiltTask, run: RunContext, ckpt: Checkpointer, steps: TrainStep, log: RunLog, step: int,

@@ -11,6 +11,8 @@ import hashlib
 
 import torch
 
+from ldm.diffusion.draws import per_sample, sample_seed
+from ldm.errors import DataUnavailable
 from ldm.training.build import BuiltTask, build_optimizers, build_scheduler
 from ldm.training.ema import EMA
 from ldm.training.guard import StepGuard
@@ -33,6 +35,8 @@ class TrainStep:
         trainer, task = cfg.trainer, built.task
         self.task, self.model, self.accelerator, self.accum = task, model, accelerator, accum
         self.seed, self.rank, self.world = trainer.seed, accelerator.process_index, accelerator.num_processes
+        self.global_batch, self.micro = trainer.batch_size, trainer.batch_size // (self.world * accum)
+        self.fault_group, self.mark, self.data_gone, self.data_fault = _cpu_group(), None, False, None
         self.optimizers = build_optimizers(cfg, task)
         self.schedulers = {k: build_scheduler(trainer, o) for k, o in self.optimizers.items()}
         self.ema_target = task.ema_target()
@@ -58,16 +62,34 @@ class TrainStep:
         self.guard.snapshot_buffers()
         self.trace = open(self.trace_path, "a") if self.trace_path else None  # (the run directory exists now)
 
-    def run(self, step: int, data) -> None:
-        """Optimizer step `step` from the next `accum` micro-batches of `data`."""
+    def fetch(self, data, loader) -> list[dict] | None:
+        """The next `accum` micro-batches, or None when any rank's data source is gone (DataUnavailable: no
+        byte readable for data.max_wait seconds). Fetched before the step's stop vote, so such a rank stops
+        with all the others instead of leaving them waiting in the backward all-reduce."""
+        self.mark = loader.state_dict()
+        with self.meter.waiting():
+            try:
+                batches = [next(data) for _ in range(self.accum)]
+            except DataUnavailable as e:
+                batches, self.data_fault = None, e
+        self.data_gone = _any_rank(batches is None, self.fault_group)
+        return None if self.data_gone else batches
+
+    def unfetch(self, loader) -> None:
+        """Back to the position before `fetch`: the step not trained is the first one after a resume."""
+        loader.load_state_dict(self.mark)
+
+    def run(self, step: int, batches: list[dict]) -> None:
+        """Optimizer step `step` from its micro-batches."""
         accelerator, task, skip = self.accelerator, self.task, None
-        for micro_step in range(self.accum):
-            # The random draws of each micro-batch (noise, timesteps, condition dropout) come from a seed of
-            # (seed, its index in the global batch stream): a run's randomness does not depend on how many
-            # processes share the global batch, so 2 processes train the same model as 1.
+        for micro_step, batch in enumerate(batches):
+            # The random draws of each sample (noise, timesteps, condition dropout) come from a seed of (seed,
+            # its index in the global sample stream: ldm/diffusion/draws.py), anything else from the micro-batch's
+            # index: a run's randomness does not depend on how many processes share the global batch, so 1, 2
+            # or 4 processes train the same model.
             torch.manual_seed(micro_batch_seed(self.seed, (step * self.accum + micro_step) * self.world + self.rank))
-            with self.meter.waiting():
-                batch = next(data)
+            first = step * self.global_batch + (micro_step * self.world + self.rank) * self.micro
+            seeds = [sample_seed(self.seed, first + j) for j in range(len(batch["key"]))]
             batch = to_device(batch, accelerator.device)
             images, phase = len(batch["key"]), task.step_phase(step)
             if phase not in self.flops_per_image:
@@ -75,7 +97,7 @@ class TrainStep:
                     self.flops_per_image[phase] = count_step_flops(task, batch, step, accelerator.autocast) / images
                 if accelerator.is_main_process:
                     print(self.meter.describe(self.flops_per_image[phase], step), flush=True)
-            with accelerator.accumulate(self.model), accelerator.autocast():
+            with accelerator.accumulate(self.model), accelerator.autocast(), per_sample(seeds):
                 loss, self.logs = self.model(batch, step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -124,3 +146,22 @@ class TrainStep:
 
 def _scalar(v) -> float:
     return float(whole(v).detach()) if torch.is_tensor(v) else float(v)
+
+
+def _cpu_group():
+    """A gloo group for the per-step data-fault vote (a host flag: no GPU sync), None for one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def _any_rank(flag: bool, group) -> bool:
+    if group is None:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
