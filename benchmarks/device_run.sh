@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU call of issue 12: install the carried wheels, run benchmarks/gpu.py inside the device
+# The prepared GPU call : install the carried wheels, run benchmarks/gpu.py inside the device
 # tool's 10-minute command limit, and leave log.txt, results.json and results.md in $OUT (docs/gpu.md).
 #
 #   bash benchmarks/device_run.sh                     # on the GPU: every part, the table last

@@ -1,4 +1,4 @@
-"""Training speed on a CUDA machine, ours against diffusers side by side in ONE process (issue 12).
+"""Training speed on a CUDA machine, ours against diffusers side by side in ONE process.
 Prints one table last: img/s, TFLOP/s, MFU, peak memory and a ratio per row.
 
     python benchmarks/gpu.py                        # on a GPU: unet, ae, loop (estimated 7-9 min on an H200)
@@ -17,7 +17,7 @@ Parts (--only):
         random-init KL-f8 first stage and a random-init CLIP ViT-L/14-sized text encoder, reading
         train/img_per_s (and train/mfu, train/data_wait where the meter logs them) from metrics.csv; with
         online encoding and, where train/cache_latents.py exists, from the latent cache.
-        ratio = loop img/s / the bare UNet step with the same settings (issue 12 target: >= 0.85).
+        ratio = loop img/s / the bare UNet step with the same settings (target: >= 0.85).
 
 Weights are random (nothing is downloaded). FLOPs per image are counted once per model and size with
 torch's FlopCounterMode at batch 1 (attention counted through the math SDPA kernel); MFU = TFLOP/s over
@@ -171,7 +171,7 @@ def build_unet(setup: Setup, arch: dict, device: torch.device) -> torch.nn.Modul
 
 
 def adamw(model: torch.nn.Module, setup_impl: str, device: torch.device) -> torch.optim.Optimizer:
-    """Ours: fused AdamW on CUDA (issue 12); diffusers: torch's default, as its training scripts do."""
+    """Ours: fused AdamW on CUDA; diffusers: torch's default, as its training scripts do."""
     fused = setup_impl == "ours" and device.type == "cuda"
     return torch.optim.AdamW(model.parameters(), lr=1e-5, **({"fused": True} if fused else {}))
 
@@ -603,7 +603,7 @@ def set_ratios(rows: list[Row]) -> None:
 
 
 def targets(rows: list[Row]) -> list[str]:
-    """Issue 12's targets, read off the rows (ratios measured in this one run)."""
+    """The speed targets, read off the rows (ratios measured in this one run)."""
     lines = []
     for px in sorted({r.px for r in rows if r.part == "unet"}):
         ours = [r for r in rows if r.part == "unet" and r.px == px and r.setting.startswith("ours") and r.ratio]
@@ -671,7 +671,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if device.type != "cuda" and not tiny:
         raise SystemExit("gpu.py: no CUDA device; run with --tiny for the CPU code-path check")
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast (issue 12)
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast
     unet_settings, ae_setting, loop_settings = args.unet, args.ae, args.loop
 
     bench = Bench(args, device)

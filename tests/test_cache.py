@@ -1,4 +1,4 @@
-"""The latent cache (issue 12): `python train/cache_latents.py` encodes the training shards once; stage 2
+"""The latent cache: `python train/cache_latents.py` encodes the training shards once; stage 2
 trains from `data.latents` with the loss online encoding gives; a stale or broken cache is refused; ranks
 share the work without talking; a frozen text encoder's tokens are cached too."""
 import io

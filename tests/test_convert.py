@@ -1,4 +1,4 @@
-"""ldm.convert: CompVis/diffusers weights in and out (issue 11).
+"""ldm.convert: CompVis/diffusers weights in and out.
 
 References: diffusers' own `UNet2DConditionModel` / `AutoencoderKL` (random weights, reduced width) and its own
 single-file converter (`convert_ldm_unet_checkpoint`), plus full-size SD key sets built on the meta device.

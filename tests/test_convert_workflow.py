@@ -1,4 +1,4 @@
-"""The README's pretrained-weights commands, run at tiny scale, and its quoted shard example (issue 11).
+"""The README's pretrained-weights commands, run at tiny scale, and its quoted shard example.
 
 A tiny random "Stable Diffusion" diffusers folder (UNet + unet_ema/, VAE, CLIP text encoder, tokenizer) stands
 in for /models/stable-diffusion-v1-5; the README's commands run on it with the preset shrunk by overrides.

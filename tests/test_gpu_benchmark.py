@@ -1,4 +1,4 @@
-"""benchmarks/gpu.py (issue 12): its arithmetic, its in-process parts at tiny size on CPU with nothing but torch
+"""benchmarks/gpu.py: its arithmetic, its in-process parts at tiny size on CPU with nothing but torch
 (+ diffusers), the loop's Hydra overrides, and (slow) the prepared device script and the wheel commands of
 docs/gpu.md. The speed itself is measured on a GPU; here every code path runs."""
 import argparse

@@ -121,7 +121,7 @@ def test_flops_of_a_tiny_unet_step_are_the_closed_form():
 @pytest.mark.parametrize("size, tflop", [(32, 0.542), (64, 2.470)])
 def test_sd_unet_step_counts_on_cpu_what_torch_counted_on_an_h200(size, tflop):
     """The SD-v1 UNet (859.5M parameters) training step at 32² / 64² latents, on fake tensors (no memory,
-    no compute): 0.542 / 2.470 TFLOP per image, the figures FlopCounterMode gave on an H200 (issue 12).
+    no compute): 0.542 / 2.470 TFLOP per image, the figures FlopCounterMode gave on an H200.
     The stock counter on CPU misses the attention (and counts activation checkpointing's recomputation)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -1,4 +1,4 @@
-"""Every preset's noise schedule against the formula of the source it reproduces (issue 11).
+"""Every preset's noise schedule against the formula of the source it reproduces.
 
 CompVis' `make_beta_schedule("linear", ...)` (ldm/modules/diffusionmodules/util.py) is linear in sqrt(beta);
 it is re-implemented below in float64. The SD presets are checked against diffusers' DDPMScheduler, which

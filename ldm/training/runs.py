@@ -22,7 +22,7 @@ def load_run(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True):
         raise FileNotFoundError(f"{cfg_file} not found: is {run_dir} a run directory written by train/main.py?")
     raw = OmegaConf.load(cfg_file)
     unet = OmegaConf.select(raw, "model.task.unet")
-    if unet is not None and "use_checkpoint" in unet:  # runs from before trainer.activation_checkpointing (issue 12)
+    if unet is not None and "use_checkpoint" in unet:  # runs from before trainer.activation_checkpointing
         del unet["use_checkpoint"]
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
     ckpt = resolve_resume(checkpoint, run_dir)
