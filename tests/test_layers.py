@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Bottom to top. A module belongs to the longest prefix listed here.
 LAYERS = [
     ("ldm.errors", "ldm.config", "ldm.diffusion", "ldm.visualize"),  # facts: no models, no files of runs
-    ("ldm.modules", "ldm.data", "ldm.sampling", "ldm.metrics"),  # building blocks, data pipeline, samplers
+    ("ldm.data", "ldm.sampling", "ldm.metrics"),  # data pipeline, samplers, metrics
+    ("ldm.modules",),  # network building blocks and conditioners
     ("ldm.models", "ldm.losses"),  # whole networks and their losses
     ("ldm.convert",),  # tensors and configs of other formats <-> our models
     ("ldm.tasks",),  # one stage's training step, evaluation, sampling

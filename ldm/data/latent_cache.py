@@ -40,7 +40,6 @@ from torch import nn
 from ldm.data.decode import SampleDecoder, SkipSample
 from ldm.data.integrity import member_mismatches
 from ldm.errors import CacheError
-from ldm.modules.conditioning import Conditioner
 
 CACHE_VERSION = 2  # 2: per-sample CRC-32 member; version-1 caches are refused as stale (rebuild)
 MANIFEST = "cache.json"
@@ -66,13 +65,13 @@ def weights_hash(module: nn.Module, prefixes: tuple[str, ...] = ()) -> str:
     return digest.hexdigest()
 
 
-def pixel_conditioner(conditioner: Conditioner) -> str | None:
-    """Name of a conditioner part that reads the images (super-resolution, inpainting): the cache holds
+def pixel_conditioner(conditioner: nn.Module) -> str | None:
+    """Name of a part of `conditioner` (ldm.modules.conditioning.Conditioner) that reads the images (super-resolution, inpainting): the cache holds
     none, so such a model cannot train from it."""
     return next((type(m).__name__ for m in conditioner.parts() if m.image_key is not None), None)
 
 
-def caches_context(conditioner: Conditioner) -> bool:
+def caches_context(conditioner: nn.Module) -> bool:
     """A frozen token conditioner (e.g. SD's CLIP): its output for a caption never changes, so it is
     cached. A jointly trained one (the paper's transformer, the demo's) runs in every step."""
     params = list(conditioner.parameters())
