@@ -59,8 +59,7 @@ def train(cfg) -> Path:
 
     # Construct the task, parallelize it, then what holds its (possibly sharded) parameters.
     built, run = _build_task(cfg, accelerator, micro)
-    model = parallelize(built.task, cfg.trainer, accelerator)
-    steps = TrainStep(cfg, built, model, accelerator, accum)
+    steps = TrainStep(cfg, built, parallelize(built.task, cfg.trainer, accelerator), accelerator, accum)
     log = RunLog(cfg, accelerator)
     ckpt = _checkpointer(cfg, steps, loader, accelerator, log)
 
