@@ -106,3 +106,16 @@ def test_the_rules_see_a_violation(tmp_path):
     finally:
         ROOT = root
     assert layer_of("ldm.training.loop") > layer_of("ldm.data.decode")
+
+
+def test_the_training_loop_stays_readable():
+    """train() reads top to bottom: few names to hold in mind, and no closure over names assigned later
+    (helpers are module functions or methods, each with its inputs as arguments)."""
+    import types
+
+    from ldm.training.loop import train
+
+    code = train.__code__
+    assert code.co_nlocals < 15, f"train() has {code.co_nlocals} locals: {code.co_varnames}"
+    nested = [c.co_name for c in code.co_consts if isinstance(c, types.CodeType)]
+    assert not nested, f"train() defines nested functions {nested}: make them module functions"
