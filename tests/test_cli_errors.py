@@ -139,3 +139,26 @@ def test_global_batch_three_processes_do_not_divide(shapes_shards, tmp_path):
     assert proc.stderr.count("Traceback") == 1 and "ChildFailedError" in proc.stderr, proc.stderr[-3000:]
     assert "File \"" + os.path.join("train", "main.py") not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- sample.py, evaluate.py, report.py
+# Each option mistake is refused before anything is read: the run directory does not even exist here, so
+# a line about the option (not about the missing run) shows the check came first.
+@pytest.mark.parametrize("options, says", [
+    (["device=cuda", "prompts=[a]"], "no CUDA GPU"),
+    (["device=cpu", "precision=fp16", "prompts=[a]"], "precision=fp16 on the CPU"),
+    (["prompts=[]"], "nothing to sample"),
+    (["prompts=[a,b,c]", "negative_prompts=[x,y]"], "negative_prompts has 2 entries"),
+    (["prompts=[a]", "image=photo.png"], "inpainting needs both image=… and mask=…"),
+], ids=["cuda without a GPU", "fp16 on a CPU", "no prompts", "negative prompts count", "image without mask"])
+def test_sample_option_mistakes_are_one_line_before_loading(tmp_path, options, says):
+    proc = run([sys.executable, "train/sample.py", f"run_dir={tmp_path / 'no_run'}", f"out_dir={tmp_path / 'out'}",
+                *options], check=False, env=NO_GPU)
+    assert says in one_line(proc)
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+@pytest.mark.parametrize("script", ["train/evaluate.py", "train/report.py"])
+def test_evaluate_and_report_on_a_folder_that_is_not_a_run(tmp_path, script):
+    proc = run([sys.executable, script, str(tmp_path)], check=False)
+    assert "run directory written by train/main.py" in one_line(proc)

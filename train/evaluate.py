@@ -256,10 +256,15 @@ def main() -> None:
     args = parser.parse_args()
     sample_opts = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps,
                                          guidance_scale=args.guidance_scale).items() if v is not None}
-    metrics = evaluate_run(args.run_dir, args.checkpoint, args.batches, args.batch_size, device=args.device,
-                           precision=args.precision, fid=not args.no_fid, fid_weights=args.fid_weights,
-                           num_samples=args.num_samples, seed=args.seed, reference_shards=args.reference_shards,
-                           clip_model=args.clip_model, sample_opts=sample_opts, track=not args.no_tracker)
+    from ldm.errors import RunError
+
+    try:  # not a run, no checkpoint, an option the run cannot take: one line, no traceback
+        metrics = evaluate_run(args.run_dir, args.checkpoint, args.batches, args.batch_size, device=args.device,
+                               precision=args.precision, fid=not args.no_fid, fid_weights=args.fid_weights,
+                               num_samples=args.num_samples, seed=args.seed, reference_shards=args.reference_shards,
+                               clip_model=args.clip_model, sample_opts=sample_opts, track=not args.no_tracker)
+    except (FileNotFoundError, RunError, ValueError) as e:
+        raise SystemExit(f"[ldm] {e}") from None
     for k, v in metrics.items():
         print(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}")
 

@@ -227,7 +227,10 @@ def main() -> None:
     args = parser.parse_args()
     if not args.run_dir.is_dir():
         parser.error(f"run_dir {args.run_dir} is not a directory")
-    print(f"[ldm] report: {write_report(args.run_dir, args.out)}")
+    try:
+        print(f"[ldm] report: {write_report(args.run_dir, args.out)}")
+    except FileNotFoundError as e:  # not a run directory: one line, no traceback
+        raise SystemExit(f"[ldm] {e}") from None
 
 
 if __name__ == "__main__":

@@ -116,6 +116,15 @@ def conditions(cfg) -> list[dict]:
     return [item for item in items for _ in range(cfg.repeats)]
 
 
+def check_run(cfg, train_cfg, task) -> None:
+    """What the run must be for these options, checked before its weights are read."""
+    if not task.generates_images:
+        raise ValueError(f"{cfg.run_dir} is a {train_cfg.model.name} run, which does not generate images: "
+                         f"sample from a stage-2 (latent diffusion) run")
+    if task.conditioner.needs_mask and cfg.image is None:
+        raise ValueError(f"{cfg.run_dir} is an inpainting model: give image=… and mask=… (white = fill in)")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg) -> None:
     from torchvision.utils import save_image
@@ -125,22 +134,19 @@ def main(cfg) -> None:
     from ldm.errors import RunError
     from ldm.training.runs import load_run
 
-    try:
+    try:  # a bad option: one line naming it, before anything is loaded
         check_options(cfg)
-    except (ValueError, FileNotFoundError) as e:  # a bad option: one line naming it, nothing loaded
+        device = resolve_device(cfg.device)
+        autocast(device, cfg.precision)  # (refuses fp16 on a CPU)
+        items = conditions(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"[ldm] {e}") from None
-    device = resolve_device(cfg.device)
     try:
-        train_cfg, task, ckpt = load_run(Path(cfg.run_dir), cfg.checkpoint, cfg.use_ema)
-    except (FileNotFoundError, RunError) as e:
+        train_cfg, task, ckpt = load_run(Path(cfg.run_dir), cfg.checkpoint, cfg.use_ema,
+                                         check=lambda train_cfg, task: check_run(cfg, train_cfg, task))
+    except (FileNotFoundError, RunError, ValueError) as e:
         raise SystemExit(f"[ldm] {e}") from None
-    if not task.generates_images:
-        raise SystemExit(f"[ldm] {cfg.run_dir} is a {train_cfg.model.name} run, which does not generate images: "
-                         f"sample from a stage-2 (latent diffusion) run")
-    if task.conditioner.needs_mask and cfg.image is None:
-        raise SystemExit(f"[ldm] {cfg.run_dir} is an inpainting model: give image=… and mask=… (white = fill in)")
     task.to(device)
-    items = conditions(cfg)
     size = train_cfg.data.image_size
     f = task.first_stage.downsample_factor
     latent_size = (size // f,) * 2

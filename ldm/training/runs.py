@@ -11,10 +11,12 @@ from ldm.config import TrainConfig
 from ldm.training.build import build_task
 
 
-def load_run(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True):
+def load_run(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True, check=None):
     """(cfg, task, checkpoint path) of a run written by train/main.py, weights loaded, in eval mode.
 
     With `use_ema` the EMA weights (when the run keeps them) replace the EMA target's (the UNet).
+    `check(cfg, task)`, when given, runs after the task is built and before its weights are read: a caller
+    refuses a run it cannot use (e.g. a stage-1 run for sampling) without waiting for an SD-size load.
     """
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
@@ -29,6 +31,8 @@ def load_run(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True):
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}: train first (train/main.py)")
     task = build_task(cfg).task
+    if check is not None:
+        check(cfg, task)
     weights = load_file(ckpt / "model.safetensors")
     check_task_weights(task, weights, ckpt)
     task.load_state_dict(weights, strict=False)
