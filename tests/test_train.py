@@ -127,7 +127,7 @@ def test_lpips_and_adversarial_gradients_reach_decoder(shapes_shards):
     torch.manual_seed(0)
     task = instantiate(cfg.model.task)
     opt = torch.optim.Adam([p for g in task.param_groups().values() for p in g], lr=1e-3)
-    loader = build_train_loader(cfg, 8, 0, 1)
+    loader = build_train_loader(cfg, cfg.trainer.batch_size, 0, 1)
     batches = iter(loader)
     for step in range(3):
         loss, logs = task(next(batches), step)

@@ -8,7 +8,6 @@ Rerunning the same command resumes from the newest checkpoint in the run directo
 """
 import os
 import sys
-import time
 from contextlib import nullcontext
 
 import hydra
@@ -23,20 +22,16 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from ldm.training.preflight import preflight
+    from ldm.training.preflight import preflight, refuse
 
     hc = HydraConfig.get()
-    rank0 = int(os.environ.get("RANK", "0")) == 0
     # A wrong key / type / value, a missing first stage, a batch the processes do not divide: one line,
     # before any data or weights are touched. (Single runs were checked already, before Hydra made the run
     # directory: ldm.training.preflight.Preflight in conf/train.yaml; sweeps are checked here, per job.)
     try:
         preflight(cfg, trainer_choice=hc.runtime.choices.get("trainer"), overrides=list(hc.overrides.task))
     except ConfigError as e:
-        if not rank0:  # the same config on every rank: rank 0 says it, once
-            time.sleep(10)  # (the launcher stops the others when the first rank exits: let rank 0 be first)
-            raise SystemExit(1)
-        raise SystemExit(f"[ldm] config error: {e}") from None
+        refuse(e)
     from ldm.errors import RunError
     from ldm.training.lock import RunLock
     from ldm.training.loop import train  # imported here so `--cfg job` / `--help` stay instant

@@ -7,6 +7,7 @@ before Hydra makes the run directory, and again inside the job (sweeps: once per
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -19,8 +20,7 @@ from ldm.config import ConfigError, check_targets, check_trainer
 GPU_DEFAULTS = ("mixed_precision", "batch_size", "max_steps")
 
 
-def preflight(cfg, *, trainer_choice: str | None = None, overrides=(), world_size: int | None = None,
-              cuda: bool | None = None, make_run_dir: bool = False) -> None:
+def preflight(cfg, *, trainer_choice: str | None = None, overrides=(), cuda: bool | None = None, make_run_dir: bool = False) -> None:
     """Raise ConfigError naming the key for a config that cannot run. `trainer_choice` and `overrides` are
     Hydra's (the trainer group picked, the command-line overrides); `make_run_dir` also creates the run
     directory, so a read-only `paths.runs` is named here instead of failing in Hydra."""
@@ -28,8 +28,6 @@ def preflight(cfg, *, trainer_choice: str | None = None, overrides=(), world_siz
     check_targets(cfg.model.task, "model.task")
     _check_first_stage(cfg)
     _check_strategy(cfg)
-    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
-    _check_batch(cfg, world)
     _check_data(cfg)
     _check_device(cfg, trainer_choice, overrides, cuda)
     if make_run_dir:
@@ -60,17 +58,6 @@ def _check_strategy(cfg) -> None:
     if getattr(target, "shard_units", Task.shard_units) is Task.shard_units:
         raise ConfigError(f"trainer.strategy=fsdp: model={cfg.model.name} ({target.__name__}) names no modules "
                           f"to shard; it trains with trainer.strategy=ddp (stage 1: autoencoder + discriminator)")
-
-
-def _check_batch(cfg, world: int) -> None:
-    t = cfg.trainer
-    micro = t.micro_batch_size or t.batch_size // world
-    if micro < 1 or t.batch_size % (micro * world):
-        divisible = (f"a multiple of {world}" if t.micro_batch_size is None
-                     else f"a multiple of micro_batch_size x processes = {t.micro_batch_size * world}")
-        raise ConfigError(f"trainer.batch_size={t.batch_size} (the global batch) does not split over {world} "
-                          f"process(es)" + (f" with trainer.micro_batch_size={t.micro_batch_size}"
-                                            if t.micro_batch_size else "") + f": use {divisible}")
 
 
 def _check_data(cfg) -> None:
@@ -143,4 +130,13 @@ class Preflight(Callback):
             preflight(config, trainer_choice=config.hydra.runtime.choices.get("trainer"),
                       overrides=list(config.hydra.overrides.task), make_run_dir=True)
         except ConfigError as exn:
-            raise SystemExit(f"[ldm] config error: {exn}" if int(os.environ.get("RANK", "0")) == 0 else 1) from None
+            refuse(exn)
+
+
+def refuse(exn: ConfigError) -> None:
+    """Exit on a config error: every rank has the same config, so rank 0 says it, once, and the others exit
+    quietly, a little later (the launcher stops the rest when the first rank exits: let rank 0 be first)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        time.sleep(10)
+        raise SystemExit(1)
+    raise SystemExit(f"[ldm] config error: {exn}") from None
