@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from itertools import islice
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -70,7 +71,7 @@ def train(cfg) -> Path:
 
     # Train until max_steps or a stop signal; all ranks agree on both at the same step.
     data = iter(loader)
-    with ckpt.stops_name_healthy():
+    with ckpt.stops_name_healthy(), closing(data):  # (workers stop on every way out, errors included)
         while step < cfg.trainer.max_steps:
             # Fetch the step's micro-batches, then vote: a stop signal, or a rank whose data source is gone,
             # stops every rank here, and the position goes back to before this step.
