@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,14 +54,16 @@ def load_image(path, size: int, mode: str = "RGB") -> torch.Tensor:
     return torch.from_numpy(np.asarray(mask) > 127).float()[None, None]
 
 
-def generate(task, items: list[dict], *, latent_size, batch_size: int, seed: int, progress: bool = False,
+def generate(task, items: list[dict], *, latent_size, batch_size: int, seed: int,
+             progress: bool | Callable[[int], None] = False,
              init_image: torch.Tensor | None = None, image: torch.Tensor | None = None,
              mask: torch.Tensor | None = None, paste: bool = False, **opts) -> torch.Tensor:
     """Images `(N,3,H,W)` in [-1,1]. Image i starts from noise seeded by seed + i, so it depends on
     (seed, i, its condition) and not on the batch size (up to float rounding of batched kernels) nor on
     the device (the noise is drawn on the CPU). `init_image` (img2img) and `image` + `mask` (inpainting)
     are (1,3,H,W) / (1,1,H,W) tensors used for every item; `paste` copies `image` outside `mask` into the
-    result. Runs on the task's device."""
+    result. `progress`: True for a tqdm bar of sampler steps, or a function called with each batch's image
+    count (plain progress lines). Runs on the task's device."""
     from tqdm.auto import tqdm
 
     from ldm.sampling import img2img_timesteps
@@ -71,7 +74,7 @@ def generate(task, items: list[dict], *, latent_size, batch_size: int, seed: int
     if init_image is not None:
         steps = len(img2img_timesteps(task.schedule.num_timesteps, steps, opts.get("strength", 1.0)))
     batches = range(0, len(items), batch_size)
-    bar = tqdm(total=len(batches) * steps, unit="step", desc="sampling", disable=not progress, leave=False)
+    bar = tqdm(total=len(batches) * steps, unit="step", desc="sampling", disable=progress is not True, leave=False)
     opts["callback"] = lambda info: bar.update(1)
     out = []
     for start in batches:
@@ -93,6 +96,8 @@ def generate(task, items: list[dict], *, latent_size, batch_size: int, seed: int
         generator = torch.Generator().manual_seed(seed + start)  # stochastic samplers' per-step noise
         out.append(task.sample(batch, generator=generator, latent_size=latent_size, noise=noise, **extra,
                                **opts).float().cpu())
+        if callable(progress):
+            progress(len(chunk))
     bar.close()
     images = torch.cat(out)
     if paste and image is not None:

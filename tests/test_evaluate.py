@@ -80,7 +80,25 @@ def test_generation_metrics_cli(runs, feature_net, monkeypatch, capsys):
     assert metrics["generated_images"] == 6 and metrics["seed"] == 3 and metrics["steps"] == 2
     assert metrics["fid"] > 0 and "kid_mean" in metrics and "loss" in metrics
     assert 0 <= metrics["alignment/all_three"] <= 1 and "alignment/colour" in metrics  # shapes references
-    assert "fid" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fid" in out
+    # progress in plain lines (stdout is not a terminal here): each pass ends with what it did
+    assert "[ldm] evaluate: held-out set: done, 4 images" in out
+    assert "[ldm] evaluate: generating: done, 6/6 images" in out and "\r" not in out
+
+
+def test_ticker_prints_at_most_one_line_per_interval(capsys, monkeypatch):
+    from ldm.training import progress
+
+    clock = iter([0.0, 1.0, 5.0, 11.0, 12.0, 25.0, 30.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    ticker = progress.Ticker("work", "items", total=50, every=10.0)  # starts at t=0
+    for _ in range(5):  # t = 1, 5, 11, 12, 25: lines at 11 (10 s since 0) and 25 (13 s since 11)
+        ticker(10)
+    ticker.close()  # t = 30
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["[ldm] work: 30/50 items, 2.7/s, 11 s", "[ldm] work: 50/50 items, 2.0/s, 25 s",
+                     "[ldm] work: done, 50/50 items, 1.7/s, 30 s"]
 
 
 def test_missing_inception_weights_are_reported_not_fatal(runs, tmp_path):

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from ldm.training.build import build_eval_loader
-from ldm.training.evaluation import held_out_means
+from ldm.training.evaluation import batch_images, held_out_means
+from ldm.training.progress import Ticker
 from ldm.training.runs import load_run
 
 SHAPES_ATTRIBUTES = ("colour", "shape", "position", "background")
@@ -41,8 +42,10 @@ def held_out_metrics(cfg, task, device, batches: int, batch_size: int, inception
     ldm/training/evaluation.py), plus (stage 1, with `inception`) the Inception features of the inputs and of
     the task's reconstructions of them, for rFID."""
     features = {"real": [], "reconstructions": []}
+    ticker = Ticker("evaluate: held-out set", "images")
 
     def reconstruction_features(i: int, batch: dict) -> None:
+        ticker(batch_images(batch))
         reconstructions = task.reconstruct(batch) if inception is not None else None
         if reconstructions is not None:
             features["real"].append(inception(batch["image"]))
@@ -52,6 +55,7 @@ def held_out_metrics(cfg, task, device, batches: int, batch_size: int, inception
     on_device = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
                  for b in (islice(loader, batches) if batches else loader))
     metrics, count = held_out_means(task, on_device, each=reconstruction_features)
+    ticker.close()
     if count == 0:
         raise RuntimeError(f"no held-out samples read from {cfg.data.val_shards or cfg.data.shards}")
     metrics["images"] = count
@@ -88,9 +92,11 @@ def generation_metrics(cfg, task, *, num_samples: int, seed: int, batch_size: in
     else:
         items = [{"caption": c} for c in refs["caption"]]
     latent_size = (cfg.data.image_size // task.first_stage.downsample_factor,) * 2
+    ticker = Ticker("evaluate: generating", "images", total=n)
     with autocast(device, precision):
-        images = generate(task, items, latent_size=latent_size, batch_size=batch_size, seed=seed, progress=True,
+        images = generate(task, items, latent_size=latent_size, batch_size=batch_size, seed=seed, progress=ticker,
                           **sample_opts)
+    ticker.close()
     metrics = {"generated_images": n, "seed": seed, **sample_opts}
     if inception is not None:
         from ldm.metrics.fid import KID_STD_UNDEFINED, fid_from_features, kid_from_features

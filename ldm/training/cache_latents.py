@@ -112,9 +112,10 @@ def encode_shard(source: str, target: Path, cfg, first_stage, conditioner, with_
 
 
 def _write_shard(tmp: Path, loader, first_stage, conditioner, with_context: bool, device) -> int:
-    count = 0
+    count, ticker = 0, Ticker(f"latent cache {tmp.name}", "samples", every=30.0)
     with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0.0) as sink:
         for batch in loader:
+            ticker(len(batch["key"]))
             images = batch["image"].to(device)
             if isinstance(first_stage, AutoencoderKL):  # KL: keep the posterior, resampled at train time
                 posterior = first_stage.posterior(images)

@@ -71,6 +71,33 @@ class RunLog:
         self.bar.close()
 
 
+class Ticker:
+    """Progress of a long loop outside training (evaluation, the latent cache) as plain `[ldm]` lines, at
+    most one per `every` seconds: a tqdm bar would write carriage-return redraws into a log file, and a
+    silent loop of minutes looks hung."""
+
+    def __init__(self, what: str, unit: str, total: int | None = None, every: float = 10.0):
+        self.what, self.unit, self.total, self.every = what, unit, total, every
+        self.count, self.start = 0, time.monotonic()
+        self.last = self.start
+
+    def __call__(self, n: int = 1) -> None:
+        self.count += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            print(f"[ldm] {self.what}: {self._done(now)}", flush=True)
+
+    def _done(self, now: float) -> str:
+        of = f"/{self.total}" if self.total else ""
+        rate = self.count / max(now - self.start, 1e-9)
+        return f"{self.count}{of} {self.unit}, {rate:.1f}/s, {now - self.start:.0f} s"
+
+    def close(self) -> None:
+        """The closing line, always printed, so even a fast loop says what it did."""
+        print(f"[ldm] {self.what}: done, {self._done(time.monotonic())}", flush=True)
+
+
 def say(accelerator, message: str) -> None:
     """One `[ldm]` line per job (Accelerate's `print` prints once per node)."""
     if accelerator.is_main_process:
