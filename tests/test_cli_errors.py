@@ -71,6 +71,23 @@ def test_read_only_runs_folder(shapes_shards, tmp_path):
     assert "paths.runs=" in line
 
 
+def test_under_the_launcher_a_failure_is_one_line_not_a_child_failed_report(shapes_shards, tmp_path):
+    """A rank's non-zero exit makes torch elastic's agent print a ChildFailedError report (a traceback and a
+    block per rank). A runtime error on the ranks (an unsafe first stage, found while building) ends in its
+    one line and the launcher's quiet 143 (a config error: test_scaleout.py, 3 processes)."""
+    first_stage = tmp_path / "first_stage.ckpt"
+    first_stage.write_bytes(pickle.dumps({"state_dict": Payload(tmp_path / "PWNED")}))
+    proc = run(launch_cmd(2, *data_args(shapes_shards), "trainer=debug", "model=ldm_txt2img_tiny",
+                          f"model.first_stage.ckpt={first_stage}", f"run_dir={tmp_path / 'run'}"),
+               check=False, env=NO_GPU, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 143, text[-3000:]
+    assert "Traceback" not in text and "ChildFailedError" not in text, text[-3000:]
+    lines = {line for line in text.splitlines() if line.startswith("[ldm]")}  # each rank may say it
+    assert len(lines) == 1 and lines.pop().startswith(f"[ldm] {first_stage} cannot be read with torch.load("), text
+    assert not (tmp_path / "PWNED").exists()
+
+
 def test_folder_of_images_as_shards_says_how_to_make_shards(shapes_shards, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

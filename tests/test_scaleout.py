@@ -222,11 +222,9 @@ def test_elastic_resume_2_1_2_4_continues_the_global_order(shapes_shards, tiny_a
 def test_a_process_count_that_cannot_share_the_batch_is_one_line(shapes_shards, tiny_autoencoder, tmp_path):
     proc = run(launch_cmd(3, *stage2_args(shapes_shards, tiny_autoencoder, tmp_path / "run")), check=False)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    assert proc.returncode == 143, out[-3000:]  # the launcher was told to stop: no ChildFailedError report
     assert [line for line in out.splitlines() if line.startswith("[ldm]")] == [
         "[ldm] config error: trainer.batch_size=4 cannot be shared by 3 processes: the global batch must be a "
         "multiple of micro-batch x processes (here e.g. 1, 2, 4 processes); a checkpoint resumes on any of those"]
-    assert "train/main.py\", line" not in out and "ldm/" not in out.split("[ldm] config error")[0]  # no rank traceback
-    # the only traceback is the launcher's own report of failed children, none from our processes
-    assert proc.stderr.count("Traceback") <= 1 and "File \"" + os.path.join("train", "main.py") not in proc.stderr
+    assert "Traceback" not in out and "ChildFailedError" not in out, out[-3000:]
     assert not (tmp_path / "run/checkpoints").exists()

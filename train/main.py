@@ -48,7 +48,9 @@ def main(cfg: DictConfig) -> None:
     except Exception as e:  # missing/bad/unsafe files, divergence, data, lock: one line, no traceback
         cause = e.__cause__ if isinstance(e, InstantiationException) else e  # raised inside a model's __init__
         if isinstance(cause, (OSError, ValueError, RunError)):
-            raise SystemExit(f"[ldm] {cause}") from None
+            from ldm.training.exits import exit_with_error
+
+            exit_with_error(f"[ldm] {cause}")
         raise
 
 

@@ -46,7 +46,7 @@ class StopRequest:
         self.signals = [signal_number(s) for s in signals]
         self.received: signal.Signals | None = None
         self._launcher: int | None = None  # torch elastic's agent (our parent), told before we exit
-        self._group = None
+        self._group, self._said = None, False
         if dist.is_available() and dist.is_initialized():
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
 
@@ -57,9 +57,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.received is None:
+        if self.received is None:  # said by `agreed`, once per job (SLURM signals every rank)
             self.received = signal.Signals(signum)
-            print(f"[ldm] {self.received.name} received: stopping after this step to checkpoint", flush=True)
 
     def agreed(self) -> bool:
         """True on every rank as soon as any rank got a stop signal (a collective: call it on all ranks)."""
@@ -68,6 +67,11 @@ class StopRequest:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         if flag.item() and self.received is None:  # another rank was signalled: name its signal here too
             self.received = signal.Signals(int(flag.item()))
+        if flag.item() and not self._said and int(os.environ.get("RANK", "0")) == 0:
+            # Said here, not in the handler: a launcher stopping its workers because a rank failed before
+            # training is not a stop request, and that rank's own one-line error is the whole story.
+            self._said = True
+            print(f"[ldm] {self.received.name} received: stopping after this step to checkpoint", flush=True)
         return bool(flag.item())
 
     @property

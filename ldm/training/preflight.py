@@ -7,14 +7,15 @@ before Hydra makes the run directory, and again inside the job (sweeps: once per
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
+from typing import NoReturn
 
 from hydra.experimental.callback import Callback
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 from ldm.config import ConfigError, check_targets, check_trainer
+from ldm.training.exits import exit_with_error
 
 # What trainer=default (conf/trainer/default.yaml) sizes for GPUs; on a CPU each must be chosen on purpose.
 GPU_DEFAULTS = ("mixed_precision", "batch_size", "max_steps")
@@ -133,10 +134,7 @@ class Preflight(Callback):
             refuse(exn)
 
 
-def refuse(exn: ConfigError) -> None:
-    """Exit on a config error: every rank has the same config, so rank 0 says it, once, and the others exit
-    quietly, a little later (the launcher stops the rest when the first rank exits: let rank 0 be first)."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        time.sleep(10)
-        raise SystemExit(1)
-    raise SystemExit(f"[ldm] config error: {exn}") from None
+def refuse(exn: ConfigError) -> NoReturn:
+    """Exit on a config error: every rank has the same config, so rank 0 says it, once (ldm/training/exits.py:
+    under a launcher too, with no ChildFailedError report)."""
+    exit_with_error(f"[ldm] config error: {exn}", same_on_every_rank=True)
