@@ -167,3 +167,161 @@ def test_ddim_on_a_non_square_latent_matches_diffusers(unet_pair):
                           spacing="trailing")
     assert got.shape == (2, 4, 8, 16)
     assert rel_error(got, expected) <= 1e-4  # five UNet calls at <= 1e-5 each
+
+
+# ---------------------------------------------------------------------------------------------- latent cache
+SHAPES = [(32, 48), (48, 32), (32, 32)]  # one per writer batch, as the bucketed loader hands them
+
+
+@pytest.fixture(scope="module")
+def mixed_cache(tmp_path_factory):
+    """A cache shard written by cache_latents' own writer from batches of three shapes, and the posteriors."""
+    from ldm.training.cache_latents import _write_shard
+
+    ae = tiny_kl().eval()
+    g = torch.Generator().manual_seed(0)
+    batches, expected = [], {}
+    for b, hw in enumerate(SHAPES):
+        images = torch.rand(2, 3, *hw, generator=g) * 2 - 1
+        keys = [f"b{b}s{i}" for i in range(2)]
+        batches.append({"image": images, "key": keys, "members": [{"txt": k.encode()} for k in keys]})
+        with torch.no_grad():
+            posterior = ae.posterior(images)
+        expected.update({k: (posterior.mean[i], posterior.logvar[i]) for i, k in enumerate(keys)})
+    tar = tmp_path_factory.mktemp("mixed_cache") / "latents-000000.tar"
+    with torch.no_grad():  # as encode_shard calls it
+        assert _write_shard(tar, batches, ae, None, False, "cpu") == 6
+    return tar, expected
+
+
+def read_cache(tar, batch_size=2):
+    from ldm.data.latent_cache import LatentSampleDecoder
+    from ldm.data.webdataset import build_loader
+
+    loader = build_loader([str(tar)], batch_size=batch_size, image_size=32, num_workers=0, epochs=1,
+                          shuffle_buffer=0, decoder=LatentSampleDecoder(32, "txt", None))
+    return list(loader), loader
+
+
+def test_latent_cache_stores_and_reads_back_mixed_shapes_bit_exact(mixed_cache):
+    tar, expected = mixed_cache
+    batches, _ = read_cache(tar)
+    assert [tuple(b["latent_mean"].shape) for b in batches] == [(2, 4, h // 4, w // 4) for h, w in SHAPES]
+    for batch in batches:
+        for i, key in enumerate(batch["key"]):
+            assert torch.equal(batch["latent_mean"][i], expected[key][0]), key  # float32 stored, bit for bit
+            assert torch.equal(batch["latent_logvar"][i], expected[key][1]), key
+            assert batch["caption"][i] == key
+
+
+def test_a_batch_of_mixed_latent_shapes_is_one_clear_error(mixed_cache):
+    """Batch size 3 over writer batches of 2 would stack a 8x12 with a 12x8 latent."""
+    tar, _ = mixed_cache
+    with pytest.raises(ValueError, match=r"a batch mixes latent_mean shapes \[\(4, 8, 12\), \(4, 12, 8\)\]"):
+        read_cache(tar, batch_size=3)
+
+
+def test_a_flipped_byte_in_a_non_square_latent_is_caught(mixed_cache, tmp_path):
+    tar, expected = mixed_cache
+    with tarfile.open(tar) as f:
+        member = next(m for m in f.getmembers() if m.name == "b1s0.mean.npy")  # a 12x8 latent
+    data = bytearray(tar.read_bytes())
+    data[member.offset_data + member.size - 3] ^= 0x40  # an exponent bit of the last float
+    damaged = tmp_path / "latents-000000.tar"
+    damaged.write_bytes(bytes(data))
+    batches, loader = read_cache(damaged, batch_size=1)
+    assert loader.skipped["checksum_error"] == 1
+    assert sorted(k for b in batches for k in b["key"]) == sorted(set(expected) - {"b1s0"})
+
+
+# ------------------------------------------------------------------------------------------------- grids
+def test_grid_of_non_square_images_keeps_each_tile_exact():
+    from PIL import Image
+
+    from ldm.visualize import PAD, captioned_grid, to_uint8
+
+    images = torch.rand(3, 3, 24, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    grid = np.asarray(captioned_grid(images, ["a", "b", "c"]))
+    scale = 6  # ceil(128 / shorter side 24): tiles 240 x 144, wider than high
+    assert grid.shape[1] == 3 * (40 * scale + PAD) + PAD
+    x = PAD + (40 * scale + PAD)  # the second tile
+    tile = grid[PAD:PAD + 24 * scale, x:x + 40 * scale]
+    expected = np.asarray(Image.fromarray(to_uint8(images)[1]).resize((40 * scale, 24 * scale), Image.NEAREST))
+    assert np.array_equal(tile, expected) and np.array_equal(tile[::scale, ::scale], to_uint8(images)[1])
+
+
+def test_training_grids_whose_batch_shape_changes_between_calls(tmp_path):
+    """log_images (the training loop's grids) once per bucket shape: each PNG has its own tile shape."""
+    from PIL import Image
+
+    from ldm.training.tracking import log_images
+    from ldm.visualize import Panel
+
+    accelerator = SimpleNamespace(is_main_process=True, trackers=[])
+    for step, hw in enumerate([(32, 48), (48, 32), (32, 32)]):
+        log_images(accelerator, step, {"samples": Panel(torch.zeros(2, 3, *hw), ["x", "y"])}, tmp_path)
+    sizes = [Image.open(tmp_path / "images" / f"samples_{s:08d}.png").size for s in range(3)]
+    widths = [w for w, _ in sizes]
+    assert widths == [2 * (192 + 4) + 4, 2 * (128 + 4) + 4, 2 * (128 + 4) + 4]  # 4x tiles: 192x128, 128x192
+    assert sizes[1][1] - sizes[2][1] == 64  # the tall tiles are 64 px higher than the square ones
+
+
+# -------------------------------------------------------------------------------- a trained run, the CLI
+@pytest.fixture(scope="module")
+def ldm_run(tiny_runs):
+    return tiny_runs["ldm"]
+
+
+def test_tasks_visualize_a_non_square_batch(tiny_runs):
+    from ldm.training.runs import load_run
+
+    _, ldm, _ = load_run(tiny_runs["ldm"])
+    images = torch.rand(2, 3, 32, 48) * 2 - 1
+    panels = ldm.visualize({"caption": ["a red circle", "a blue square"], "image": images})
+    assert panels["samples"].images.shape == panels["references"].images.shape == (2, 3, 32, 48)
+    from ldm.inference import generate  # non-square sampling: per-image noise, so independent of the batch size
+
+    items = [{"caption": "a red circle"}, {"caption": "a blue square"}, {"caption": ""}]
+    one, three = (generate(ldm, items, latent_size=(8, 12), batch_size=b, seed=3, steps=2) for b in (1, 3))
+    assert one.shape == (3, 3, 32, 48)
+    torch.testing.assert_close(one, three, rtol=0, atol=1e-4)
+    _, ae, _ = load_run(tiny_runs["ae"])
+    panel = ae.visualize({"image": images})["reconstructions"]
+    assert panel.images.shape == (4, 3, 32, 48) and panel.group == 2
+    # the training step's loss and gradient on a non-square batch: pixels, and cached latents (12 x 8)
+    ldm.train()
+    for batch in ({"caption": ["a", "b"], "image": images},
+                  {"caption": ["a", "b"], "latent_mean": torch.randn(2, 4, 12, 8), "latent_logvar": torch.zeros(2, 4, 12, 8)}):
+        ldm.zero_grad()
+        loss, _ = ldm(batch, step=0)
+        loss.backward()
+        assert torch.isfinite(loss) and ldm.unet.out[-1].weight.grad.abs().sum() > 0
+
+
+def sample_cli(run_dir, out, *extra):
+    from tests.launch import run
+
+    return run([sys.executable, "train/sample.py", f"run_dir={run_dir}", "prompts=[a red circle]", "repeats=2",
+                "steps=3", "device=cpu", "progress=false", f"out_dir={out}", *extra], check=False, timeout=300)
+
+
+@pytest.mark.slow
+def test_sample_command_height_width(ldm_run, tmp_path):
+    """`train/sample.py … height=32 width=48` through the real CLI: 48 x 32 PNGs and a grid of them."""
+    from PIL import Image
+
+    done = sample_cli(ldm_run, tmp_path, "height=32", "width=48")
+    assert done.returncode == 0, done.stderr
+    pngs = sorted(tmp_path.glob("0*.png"))
+    assert len(pngs) == 2 and all(Image.open(p).size == (48, 32) for p in pngs)
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.width == 2 * (48 * 4 + 4) + 4  # two 4x tiles of 192 x 128
+
+
+def test_a_height_the_model_cannot_take_is_one_line(ldm_run, tmp_path):
+    """Refused after the run's config is read (the factor is the model's) and before its weights load."""
+    bad = sample_cli(ldm_run, tmp_path, "height=36")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == ("[ldm] height=36 width=32: each must be a positive multiple of "
+                                                   "8 px for this model (autoencoder factor 4 x UNet factor 2)")
+    assert not (tmp_path / "grid.png").exists()
