@@ -234,6 +234,24 @@ def test_a_flipped_byte_in_a_non_square_latent_is_caught(mixed_cache, tmp_path):
     assert sorted(k for b in batches for k in b["key"]) == sorted(set(expected) - {"b1s0"})
 
 
+# ------------------------------------------------------------------------------------------- inpainting
+def test_random_inpainting_masks_for_a_non_square_batch():
+    from ldm.data.masks import masks_for_keys
+    from ldm.modules.encoders import MaskedImageConcat
+
+    keys = [f"k{i}" for i in range(16)]
+    masks = masks_for_keys(keys, (32, 48), seed=0)
+    assert masks.shape == (16, 1, 32, 48) and torch.equal(masks, masks_for_keys(keys, (32, 48), seed=0))
+    coverage = masks.mean(dim=(1, 2, 3))
+    assert (coverage > 0).all() and (coverage <= 0.75).all() and len(set(coverage.tolist())) > 8
+    assert torch.equal(masks_for_keys(keys, (32, 32), seed=0), masks_for_keys(keys, 32, seed=0))  # square: unchanged
+    ae = tiny_kl(attn=False).eval()
+    image = torch.rand(2, 3, 32, 48) * 2 - 1
+    concat = MaskedImageConcat(ae)({"image": image, "key": keys[:2]}, latent_size=(8, 12))["concat"]
+    assert concat.shape == (2, 5, 8, 12)
+    torch.testing.assert_close(concat[:, :1], masks[:2, :, ::4, ::4])  # nearest, as SD-inpainting
+
+
 # ------------------------------------------------------------------------------------------------- grids
 def test_grid_of_non_square_images_keeps_each_tile_exact():
     from PIL import Image
