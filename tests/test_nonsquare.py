@@ -343,3 +343,14 @@ def test_a_height_the_model_cannot_take_is_one_line(ldm_run, tmp_path):
     assert bad.stderr.strip().splitlines()[-1] == ("[ldm] height=36 width=32: each must be a positive multiple of "
                                                    "8 px for this model (autoencoder factor 4 x UNet factor 2)")
     assert not (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.parametrize("key, value", [("height", 0), ("width", -32)])
+def test_a_size_that_is_not_positive_is_refused_before_anything_loads(key, value):
+    from omegaconf import OmegaConf
+
+    from train.sample import SampleConfig, check_options
+
+    cfg = OmegaConf.merge(OmegaConf.structured(SampleConfig), {"run_dir": "r", "out_dir": "o", key: value})
+    with pytest.raises(ValueError, match=rf"^{key}={value}: must be a positive number of pixels"):
+        check_options(cfg)
