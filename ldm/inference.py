@@ -31,26 +31,45 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def load_image(path, size: int, mode: str = "RGB") -> torch.Tensor:
-    """(1, C, size, size): resized and centre-cropped as the training data; RGB in [-1, 1], or a mask
-    (mode "L") in {0, 1} (white = 1 = inpaint; nearest-neighbour so it stays binary)."""
-    from PIL import Image
+def image_shape(task, height: int, width: int) -> tuple[int, int]:
+    """The latent `(h, w)` for images of `height` x `width` pixels, or a ValueError naming what each side must
+    be a multiple of: the autoencoder's factor f times the UNet's 2**(levels-1) (its skip connections need
+    every level's side to halve exactly). Non-square is fine; nothing is padded, so the user picks the size."""
+    f = task.first_stage.downsample_factor
+    multiple = f * 2 ** (getattr(task.unet, "num_levels", 1) - 1)
+    if height < 1 or width < 1 or height % multiple or width % multiple:
+        raise ValueError(f"height={height} width={width}: each must be a positive multiple of {multiple} px for "
+                         f"this model (autoencoder factor {f} x UNet factor {multiple // f})")
+    return height // f, width // f
 
-    from ldm.data.decode import load_rgb, resize_center_crop, to_tensor
 
-    data = Path(path).read_bytes()
-    if mode == "RGB":
-        return to_tensor(resize_center_crop(load_rgb(data), size))[None]
+def _resize_crop(image, height: int, width: int, resample):
+    """Scale so the image covers height x width (antialiased for RGB), then the centred crop. For a square
+    size it is data.decode.resize_center_crop (shorter side -> size), the training transform."""
+    scale = max(height / image.height, width / image.width)
+    if scale != 1.0:
+        image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                             resample)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def load_image(path, size, mode: str = "RGB") -> torch.Tensor:
+    """(1, C, H, W) for `size` = H = W or `size` = (H, W): resized to cover and centre-cropped as the
+    training data; RGB in [-1, 1], or a mask (mode "L") in {0, 1} (white = 1 = inpaint; nearest-neighbour so
+    it stays binary)."""
     import io
 
     import numpy as np
+    from PIL import Image
 
-    mask = Image.open(io.BytesIO(data)).convert("L")
-    w, h = mask.size
-    scale = size / min(w, h)
-    mask = mask.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.NEAREST)
-    left, top = (mask.width - size) // 2, (mask.height - size) // 2
-    mask = mask.crop((left, top, left + size, top + size))
+    from ldm.data.decode import load_rgb, to_tensor
+
+    height, width = (size, size) if isinstance(size, int) else size
+    data = Path(path).read_bytes()
+    if mode == "RGB":
+        return to_tensor(_resize_crop(load_rgb(data), height, width, Image.Resampling.BICUBIC))[None]
+    mask = _resize_crop(Image.open(io.BytesIO(data)).convert("L"), height, width, Image.Resampling.NEAREST)
     return torch.from_numpy(np.asarray(mask) > 127).float()[None, None]
 
 

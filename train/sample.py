@@ -6,6 +6,7 @@
     python train/sample.py run_dir=… device=cuda precision=bf16 prompts='[…]' negative_prompts='["blurry"]'
     python train/sample.py run_dir=… prompts='[…]' init_image=photo.png strength=0.6     # img2img (SDEdit)
     python train/sample.py run_dir=runs/ldm_inpaint-… image=photo.png mask=mask.png      # inpainting (white = fill)
+    python train/sample.py run_dir=… prompts='[…]' height=48 width=64                    # non-square (pixels)
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from ldm.inference import DEVICES, PRECISIONS, autocast, generate, load_image, resolve_device
+from ldm.inference import DEVICES, PRECISIONS, autocast, generate, image_shape, load_image, resolve_device
 
 
 @dataclass
@@ -48,6 +49,8 @@ class SampleConfig:
     paste: bool = False  # inpainting: copy the input's pixels outside the mask into the result (the decoder
     #                      sees the whole latent, so kept latents decode to slightly shifted pixels otherwise)
     progress: bool = True  # tqdm progress bar over the sampler steps
+    height: Optional[int] = None  # pixels; None: the run's data.image_size (square). Each side a multiple of
+    width: Optional[int] = None  #  the autoencoder factor x the UNet's 2**(levels-1), checked before loading
 
 
 ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
@@ -80,6 +83,9 @@ def check_options(cfg) -> None:
         raise ValueError(f"device={cfg.device!r}: choose one of {list(DEVICES)} (or cuda:N)")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision={cfg.precision!r}: choose one of {list(PRECISIONS)}")
+    for key in ("height", "width"):
+        if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
+            raise ValueError(f"{key}={cfg[key]!r}: must be a positive number of pixels (or unset for the model's size)")
     if not 0.0 < cfg.strength <= 1.0:
         raise ValueError(f"strength={cfg.strength}: must be in (0, 1]")
     if (cfg.image is None) != (cfg.mask is None):
@@ -123,6 +129,13 @@ def check_run(cfg, train_cfg, task) -> None:
                          f"sample from a stage-2 (latent diffusion) run")
     if task.conditioner.needs_mask and cfg.image is None:
         raise ValueError(f"{cfg.run_dir} is an inpainting model: give image=… and mask=… (white = fill in)")
+    image_shape(task, *pixel_size(cfg, train_cfg))  # a height/width the model cannot take: refused here
+
+
+def pixel_size(cfg, train_cfg) -> tuple[int, int]:
+    """(height, width) in pixels: the options, each defaulting to the run's square data.image_size."""
+    size = train_cfg.data.image_size
+    return (cfg.height or size), (cfg.width or size)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
@@ -147,9 +160,8 @@ def main(cfg) -> None:
     except (FileNotFoundError, RunError, ValueError) as e:
         raise SystemExit(f"[ldm] {e}") from None
     task.to(device)
-    size = train_cfg.data.image_size
-    f = task.first_stage.downsample_factor
-    latent_size = (size // f,) * 2
+    size = pixel_size(cfg, train_cfg)
+    latent_size = image_shape(task, *size)
     opts = {k: v for k, v in dict(sampler=cfg.sampler, steps=cfg.steps, guidance_scale=cfg.guidance_scale).items()
             if v is not None}
     if (cfg.sampler or task.sampler) == "ddim":

@@ -43,10 +43,25 @@ def _strokes(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int) -> 
 MASK_KINDS = {"box": _boxes, "stroke": _strokes}
 
 
-def random_mask(size: int, rng: np.random.Generator, kinds=("box", "stroke"),
+def random_mask(size, rng: np.random.Generator, kinds=("box", "stroke"),
                 max_coverage: float = 0.75) -> torch.Tensor:
     """(1, size, size) float mask in {0, 1}: boxes and/or strokes, never empty, never covering more than
-    `max_coverage` of the image (redrawn, up to a few times, then cut back to one box)."""
+    `max_coverage` of the image (redrawn, up to a few times, then cut back to one box).
+
+    `size` = (H, W) with H != W (an aspect-ratio bucket): the square mask of the longer side, resized
+    nearest-neighbour to H x W, so a square size draws exactly the masks it always did."""
+    if not isinstance(size, int):
+        height, width = size
+        if height != width:
+            square = random_mask(max(height, width), rng, kinds, max_coverage)
+            mask = torch.from_numpy(np.asarray(Image.fromarray(square[0].numpy().astype(np.uint8) * 255)
+                                               .resize((width, height), Image.NEAREST)) > 127).float()[None]
+            if 0 < mask.mean() <= max_coverage:
+                return mask
+            mask.zero_()  # a stroke thinned away (or coverage grew): one centred box of a quarter of the area
+            mask[:, height // 4: height // 4 + height // 2, width // 4: width // 4 + width // 2] = 1
+            return mask
+        size = height
     unknown = set(kinds) - set(MASK_KINDS)
     if not kinds or unknown:
         raise ValueError(f"random_mask: kinds must be a non-empty subset of {sorted(MASK_KINDS)}, got {list(kinds)}")
@@ -62,8 +77,8 @@ def random_mask(size: int, rng: np.random.Generator, kinds=("box", "stroke"),
     return mask
 
 
-def masks_for_keys(keys, size: int, seed: int, kinds=("box", "stroke")) -> torch.Tensor:
-    """(B, 1, size, size) masks for a batch of sample keys; deterministic in (key, seed)."""
+def masks_for_keys(keys, size, seed: int, kinds=("box", "stroke")) -> torch.Tensor:
+    """(B, 1, H, W) masks (`size` = H = W, or (H, W)) for a batch of sample keys; deterministic in (key, seed)."""
     return torch.stack([random_mask(size, mask_rng(k, seed), tuple(kinds)) for k in keys])
 
 

@@ -328,6 +328,7 @@ class ShardStream(IterableDataset):
 
     def _collate(self, samples, worker, epoch, index, position, counter) -> dict:
         # tensors (image, or a latent cache's latent_mean/latent_logvar/context) stacked, the rest listed
+        check_one_shape(samples)
         batch = {k: torch.stack([s[k] for s in samples]) if torch.is_tensor(v) else [s[k] for s in samples]
                  for k, v in samples[0].items()}
         if "label" in batch:
@@ -335,6 +336,18 @@ class ShardStream(IterableDataset):
         batch.update(__worker__=worker, __epoch__=epoch, __index__=index, __samples__=position,
                      __skipped__=dict(counter.counts))
         return batch
+
+
+def check_one_shape(samples: list[dict]) -> None:
+    """A batch is stacked, so its samples must share each tensor's shape (one aspect-ratio bucket per batch:
+    images, or a latent cache's latents of different shapes). Say which samples differ, not torch.stack's
+    "stack expects each tensor to be equal size"."""
+    for name, value in samples[0].items():
+        if torch.is_tensor(value):
+            shapes = {tuple(s[name].shape) for s in samples}
+            if len(shapes) > 1:
+                raise ValueError(f"a batch mixes {name} shapes {sorted(shapes)} (keys {[s.get('key') for s in samples]}): "
+                                 "each batch must hold one shape; group samples by shape (aspect-ratio buckets)")
 
 
 class ResumableLoader:

@@ -145,6 +145,12 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The padded stride-2 convs round odd sides up, so a side that is not a multiple of f would decode
+        # to another size without any error: refuse it here. H and W are independent (non-square is fine).
+        factor = 2 ** (self.num_resolutions - 1)
+        if x.ndim != 4 or x.shape[-2] % factor or x.shape[-1] % factor:
+            raise ValueError(f"autoencoder encoder: image height and width must be multiples of the downsampling "
+                             f"factor {factor}, got shape {tuple(x.shape)}")
         h = self.conv_in(_channels_last(x))
         for level, stage in enumerate(self.down):
             for i, block in enumerate(stage.block):

@@ -279,10 +279,10 @@ class MaskedImageConcat(Conditioner):
                 raise ValueError(f"MaskedImageConcat: batch[{self.mask_key!r}] must be (B, 1, H, W) = "
                                  f"{(image.shape[0], 1, *image.shape[-2:])}, got {tuple(mask.shape)}")
             return mask
-        if image.shape[-1] != image.shape[-2] or "key" not in batch:
-            raise ValueError("MaskedImageConcat: the batch has no 'mask'; random masks need square images and "
-                             f"the samples' 'key's (got image {tuple(image.shape)}, keys: {'key' in batch})")
-        return masks_for_keys(batch["key"], image.shape[-1], self.mask_seed, self.mask_kinds).to(image.device)
+        if "key" not in batch:
+            raise ValueError("MaskedImageConcat: the batch has no 'mask'; random masks need the samples' 'key's "
+                             f"(got image {tuple(image.shape)} and no keys)")
+        return masks_for_keys(batch["key"], tuple(image.shape[-2:]), self.mask_seed, self.mask_kinds).to(image.device)
 
     def forward(self, batch: dict, drop: torch.Tensor | None = None, latent_size=None) -> dict:
         image, mask = _batch_item(batch, self.image_key, "MaskedImageConcat"), self.masks(batch)
