@@ -10,6 +10,7 @@ one bucket, so a batch stacks into one tensor.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 Shape = tuple[int, int]  # (height, width) in pixels
 
@@ -49,12 +50,12 @@ def parse_buckets(spec, image_size: int, step: int = 64, max_ratio: float = 2.0)
         return None
     if spec is True:
         return make_buckets(image_size, step, max_ratio)
-    if isinstance(spec, (str, bytes)) or not hasattr(spec, "__iter__"):
+    if isinstance(spec, str) or not isinstance(spec, Sequence):  # (OmegaConf's ListConfig is a Sequence)
         raise ValueError(f"data.buckets={spec!r}: give true (generated from data.image_size, data.bucket_step and "
                          f"data.bucket_max_ratio), false/null (square crops), or a list of [height, width] pairs")
     shapes = []
     for item in spec:
-        pair = list(item) if hasattr(item, "__iter__") and not isinstance(item, (str, bytes)) else [item]
+        pair = list(item) if isinstance(item, Sequence) and not isinstance(item, str) else [item]
         ok = len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % 8 == 0
                                     for v in pair)
         if not ok:
