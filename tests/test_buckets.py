@@ -217,6 +217,13 @@ def test_a_resume_with_another_micro_batch_is_refused(shards):
     other = _loader(shards, 0, 1, micro=4)
     with pytest.raises(DataError, match=r"resume with trainer.micro_batch_size=2"):
         other.load_state_dict([state])
+    # switching buckets on or off changes the order too, even where the lane count stays the same
+    square = build_global_loader(shards, decoder=SampleDecoder(SIZE), global_batch=8, micro_batch=2, rank=0,
+                                 world_size=1, num_workers=0, seed=0, shuffle_buffer=4, resample=False, lanes=4)
+    with pytest.raises(ValueError, match="'buckets'"):
+        square.load_state_dict([state])
+    with pytest.raises(ValueError, match="'buckets'"):
+        _loader(shards, 0, 1).load_state_dict([square.state_dict()])
 
 
 def test_bucket_lanes_need_a_shard_each(shards):

@@ -258,9 +258,10 @@ class GlobalLoader:
 
     def _layout(self) -> dict:
         s = self.stream
-        layout = {"lane_count": s.lanes, "global_batch": s.global_batch, "seed": s.seed, "shards": len(s.urls)}
-        if s.bucketed:  # (absent without buckets: older checkpoints still match)
-            layout.update(buckets=[list(b) for b in self.buckets], micro_batch=self.micro_batch)
+        layout = {"lane_count": s.lanes, "global_batch": s.global_batch, "seed": s.seed, "shards": len(s.urls),
+                  "buckets": [list(b) for b in self.buckets] if s.bucketed else None}  # (older checkpoints: None)
+        if s.bucketed:
+            layout["micro_batch"] = self.micro_batch
         return layout
 
     def state_dict(self) -> dict:
