@@ -62,7 +62,8 @@ def rank_positions(rank: int, world_size: int, micro_batch: int, accumulation: i
 
 class LaneStream(IterableDataset):
     """A worker's part of this rank's slice of every global batch, from `start["batch"]` on. Each item:
-    the samples at this worker's positions of one global batch, collated, plus where its lanes stand."""
+    the samples at this worker's positions of one global batch, collated (with buckets: one collated block
+    per lane, keyed by its first position), plus where its lanes stand."""
 
     def __init__(self, urls, *, decoder, global_batch, lanes, positions, workers, seed, shuffle, shuffle_buffer,
                  resample, policy: RetryPolicy | None = None, bucketed: bool = False):
@@ -228,6 +229,11 @@ def _plain(position) -> tuple:
     return position[:2] if len(position) == 2 else (*position[:2], [list(w) for w in position[2]])
 
 
+def _saved(position: tuple) -> list:
+    """A lane position as saved: [epoch, raw read] (+ [waiting [[e, i], ...]] with buckets), lists only."""
+    return [*position[:2], *([[list(w) for w in position[2]]] if len(position) > 2 else [])]
+
+
 class GlobalLoader:
     """Micro-batches of this rank, in the loop's order, with a position any process count can resume."""
 
@@ -266,7 +272,7 @@ class GlobalLoader:
 
     def state_dict(self) -> dict:
         return {"order": "lanes", "batch": self._batch, "micro": self._micro,
-                "lanes": {l: _plain(v) for l, v in self._lanes.items()}, "skipped": self._lane_skips(),
+                "lanes": {l: _saved(v) for l, v in self._lanes.items()}, "skipped": self._lane_skips(),
                 **self._layout()}
 
     def load_state_dict(self, states: dict | list[dict]) -> None:
