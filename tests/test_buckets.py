@@ -124,6 +124,25 @@ def test_an_image_keeps_its_aspect_ratio_and_is_never_square_cropped():
         assert augmented["image"].shape == (3, 48, 80)
 
 
+@pytest.mark.parametrize("size,step", [(64, 8), (64, 16), (512, 64)])
+def test_the_aspect_error_is_at_most_half_the_gap_between_buckets(size, step):
+    """Any image between the tallest and the widest bucket lands in a bucket whose aspect ratio is off by at
+    most half the largest gap between neighbouring buckets' (log) ratios: the step, not a square crop, bounds
+    the distortion (beyond them, the extreme bucket is the nearest)."""
+    buckets = make_buckets(size, step, 2.0)
+    logs = sorted(math.log(w / h) for h, w in buckets)
+    half_gap = max(b - a for a, b in zip(logs, logs[1:])) / 2
+    for aspect in np.exp(np.linspace(logs[0], logs[-1], 41)):
+        width, height = round(1000 * aspect), 1000
+        h, w = nearest_bucket(width, height, buckets)
+        assert abs(math.log(w / h) - math.log(width / height)) <= half_gap + 1e-9
+        decoded = SampleDecoder(size, None, buckets=tuple(buckets))
+        if size == 64 and step == 8:  # real decodes of a 100-px-high image: the bucket's shape
+            image = Image.new("RGB", (width // 10, height // 10))
+            expected = nearest_bucket(*image.size, buckets)
+            assert decoded({"__key__": "k", "png": _png(image)})["image"].shape == (3, *expected)
+
+
 def _png(image) -> bytes:
     import io
 
