@@ -170,6 +170,9 @@ def test_bad_bucket_geometry_names_the_key():
         parse_buckets(True, 40, 16)
     with pytest.raises(ValueError, match="data.bucket_max_ratio=0.5"):
         parse_buckets(True, 32, 8, 0.5)
+    with pytest.raises(ValueError, match=r"data.buckets=true makes only the 64x64 square with data.bucket_step=64 "
+                                         r"and data.bucket_max_ratio=2.0: lower the step \(e.g. 16\)"):
+        parse_buckets(True, 64)
     assert parse_buckets(None, 32) is None and parse_buckets(False, 32) is None
     assert parse_buckets([[48, 32]], 32) == [(48, 32)]
 

@@ -49,7 +49,12 @@ def parse_buckets(spec, image_size: int, step: int = 64, max_ratio: float = 2.0)
     if spec is None or spec is False:
         return None
     if spec is True:
-        return make_buckets(image_size, step, max_ratio)
+        shapes = make_buckets(image_size, step, max_ratio)
+        if len(shapes) == 1:  # the square alone: buckets would change nothing but constrain the batch layout
+            raise ValueError(f"data.buckets=true makes only the {image_size}x{image_size} square with "
+                             f"data.bucket_step={step} and data.bucket_max_ratio={max_ratio}: lower the step (e.g. "
+                             f"{max(8, image_size // 4 // 8 * 8)}) or raise the ratio")
+        return shapes
     if isinstance(spec, str) or not isinstance(spec, Sequence):  # (OmegaConf's ListConfig is a Sequence)
         raise ValueError(f"data.buckets={spec!r}: give true (generated from data.image_size, data.bucket_step and "
                          f"data.bucket_max_ratio), false/null (square crops), or a list of [height, width] pairs")
