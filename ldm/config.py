@@ -88,6 +88,13 @@ class DataConfig:
     label_field: Optional[str] = None  # a KEY.json field giving an integer class label
     num_workers: int = 2  # DataLoader workers per rank
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training-stream crop/flip (docs/training.md)
+    # Aspect-ratio buckets for the training stream (ldm/data/buckets.py, docs/training.md): null/false: square
+    # crops; true: shapes of about image_size**2 pixels, sides multiples of bucket_step, aspect ratios within
+    # 1:bucket_max_ratio..bucket_max_ratio:1; or a list of [height, width] pairs. Each image goes whole (but
+    # for the overflow) into the bucket nearest its aspect ratio; every micro-batch holds one bucket.
+    buckets: Any = None
+    bucket_step: int = 64  # pixels; a multiple of 8 that divides image_size (and suits the model's downsampling)
+    bucket_max_ratio: float = 2.0
     # stage 2: train from this latent cache (`python train/cache_latents.py`) instead of decoding and encoding
     # data.shards; checked against the first stage, transform and conditioner at start (docs/training.md)
     latents: Optional[str] = None

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.data.buckets import nearest_bucket
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SKIP_KINDS = ("decode_error", "missing_image", "missing_caption", "bad_mode", "missing_label", "shard_error",
               "checksum_error")
@@ -48,15 +50,28 @@ def load_rgb(data: bytes) -> Image.Image:
         raise SkipSample("decode_error", f"{type(exn).__name__}: {exn}") from None
 
 
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side -> `size` (antialiased bicubic), then the centred `size`x`size` crop."""
-    width, height = image.size
-    scale = size / min(width, height)
+def _shape(size) -> tuple[int, int]:
+    """`size` (a side, or (height, width)) -> (height, width)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resize_cover(image: Image.Image, size) -> Image.Image:
+    """The smallest antialiased bicubic resize that covers `size` (a side, or (height, width)): one side
+    fits exactly, the other overflows by the least the aspect ratios allow."""
+    height, width = _shape(size)
+    scale = max(width / image.width, height / image.height)
     if scale != 1.0:
-        new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-        image = image.resize(new_size, Image.Resampling.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    return image.crop((left, top, left + size, top + size))
+        image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                             Image.Resampling.BICUBIC)
+    return image
+
+
+def resize_center_crop(image: Image.Image, size) -> Image.Image:
+    """Resize to cover `size` (a side: the shorter side -> size; or (height, width)), then the centred crop."""
+    height, width = _shape(size)
+    image = resize_cover(image, size)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
 
 
 CROPS = ("center", "random", "random_resized")
@@ -115,21 +130,23 @@ def random_resized_box(width: int, height: int, scale, ratio, rng: random.Random
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def augment_image(image: Image.Image, size: int, augment: Augment | None, rng: random.Random | None) -> Image.Image:
-    """The training transform: crop (centre, random or random-resized) to size x size, then maybe flip.
-    `rng` is the sample's own generator (SampleDecoder.rng), so the result depends on the sample only."""
+def augment_image(image: Image.Image, size, augment: Augment | None, rng: random.Random | None) -> Image.Image:
+    """The training transform: crop (centre, random or random-resized) to `size` (a side, or (height, width):
+    a bucket), then maybe flip. `rng` is the sample's own generator (SampleDecoder.rng), so the result depends
+    on the sample only. For a bucket, "random" slides the crop along the overflowing side and "random_resized"
+    draws boxes whose aspect ratio is the bucket's times `ratio`."""
     if augment is None or not augment.random:
         return resize_center_crop(image, size)
+    height, width = _shape(size)
     if augment.crop == "random_resized":
-        left, top, w, h = random_resized_box(image.width, image.height, augment.scale, augment.ratio, rng)
-        image = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+        aspect = width / height
+        ratio = (augment.ratio[0] * aspect, augment.ratio[1] * aspect)
+        left, top, w, h = random_resized_box(image.width, image.height, augment.scale, ratio, rng)
+        image = image.resize((width, height), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
     elif augment.crop == "random":
-        scale = size / min(image.size)
-        if scale != 1.0:
-            image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                                 Image.Resampling.BICUBIC)
-        left, top = rng.randint(0, image.width - size), rng.randint(0, image.height - size)
-        image = image.crop((left, top, left + size, top + size))
+        image = resize_cover(image, size)
+        left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
+        image = image.crop((left, top, left + width, top + height))
     else:
         image = resize_center_crop(image, size)
     if rng.random() < augment.flip:  # drawn even when flip is 0 or 1: the draw count never depends on it
@@ -156,6 +173,9 @@ class SampleDecoder:
     label_field: str | None = None  # a KEY.json field -> int label
     augment: Augment | None = None  # random crop/flip (training only); None: centre crop
     seed: int = 0  # with the epoch and the sample key, seeds the sample's augmentation
+    # data.buckets: (height, width) shapes (ldm/data/buckets.py); each image goes to the one nearest its aspect
+    # ratio, whole but for the overflow. None: the image_size square.
+    buckets: tuple[tuple[int, int], ...] | None = None
 
     def rng(self, raw: dict) -> random.Random:
         """The sample's own generator: a function of (seed, epoch, key), so a resumed run, another worker
@@ -180,10 +200,12 @@ class SampleDecoder:
         return extension
 
     def content(self, raw: dict, member: str) -> dict:
-        """{"image": float32 (3, image_size, image_size) in [-1, 1]}: resized and cropped (centre, or as
-        `augment` says, with the sample's own generator), maybe flipped."""
+        """{"image": float32 (3, H, W) in [-1, 1]}: image_size x image_size, or the nearest bucket's shape;
+        resized and cropped (centre, or as `augment` says, with the sample's own generator), maybe flipped."""
         rng = self.rng(raw) if self.augment is not None and self.augment.random else None
-        return {"image": to_tensor(augment_image(load_rgb(raw[member]), self.image_size, self.augment, rng))}
+        image = load_rgb(raw[member])
+        size = self.image_size if self.buckets is None else nearest_bucket(image.width, image.height, self.buckets)
+        return {"image": to_tensor(augment_image(image, size, self.augment, rng))}
 
     def _caption(self, raw: dict, meta: dict) -> str:
         if self.caption_field is None:

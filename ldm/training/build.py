@@ -5,6 +5,7 @@ autoencoder for stage 2).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ldm.config import check_targets
+from ldm.data.buckets import parse_buckets
 from ldm.data.decode import SampleDecoder
 from ldm.data.order import build_global_loader
 from ldm.data.remote import RetryPolicy
@@ -116,13 +118,16 @@ def build_train_loader(cfg, micro_batch: int, rank: int, world_size: int):
         shards = cache_shards(d.latents)
         decoder = LatentSampleDecoder(d.image_size, d.caption_field, d.label_field)
     policy = RetryPolicy(retries=d.retries, timeout=d.timeout, max_wait=d.max_wait)
-    return build_global_loader(expand_urls(shards), decoder=decoder or SampleDecoder(d.image_size, d.caption_field,
-                                                                                      d.label_field),
+    decoder = decoder or SampleDecoder(d.image_size, d.caption_field, d.label_field)
+    buckets = parse_buckets(d.get("buckets"), d.image_size, d.get("bucket_step", 64), d.get("bucket_max_ratio", 2.0))
+    if buckets is not None and not d.get("latents"):  # (a latent cache's samples keep the shapes they were cached at)
+        decoder = dataclasses.replace(decoder, buckets=tuple(buckets))
+    return build_global_loader(expand_urls(shards), decoder=decoder,
                                global_batch=cfg.trainer.batch_size, micro_batch=micro_batch, rank=rank,
                                world_size=world_size, num_workers=d.num_workers, seed=cfg.trainer.seed,
                                shuffle_buffer=d.shuffle_buffer, resample=d.resample, lanes=d.lanes,
                                pin_memory=torch.cuda.is_available(),  # page-locked: to_device copies without blocking
-                               policy=policy)
+                               policy=policy, buckets=buckets)
 
 
 def augmenting_decoder(cfg):

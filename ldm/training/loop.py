@@ -93,6 +93,7 @@ def train(cfg) -> Path:
             # Report status.
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
                 log.step(step, {**steps.values(), **{f"data/skipped_{k}": v for k, v in loader.skipped.items()}})
+                log.buckets(step, loader.bucket_counts)  # (data.buckets only)
             else:
                 log.step(step)
 

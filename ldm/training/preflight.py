@@ -62,6 +62,7 @@ def _check_strategy(cfg) -> None:
 
 
 def _check_data(cfg) -> None:
+    from ldm.data.buckets import parse_buckets
     from ldm.data.decode import Augment
 
     d = cfg.data
@@ -77,6 +78,10 @@ def _check_data(cfg) -> None:
                               f"with `python -m data.make_shards {folder} --out {folder}-shards --val-fraction 0.1`, "
                               f"then data.shards='{folder}-shards/train-*.tar' "
                               f"data.val_shards='{folder}-shards/val-*.tar'")
+    try:
+        parse_buckets(d.get("buckets"), d.image_size, d.get("bucket_step", 64), d.get("bucket_max_ratio", 2.0))
+    except ValueError as exn:
+        raise ConfigError(str(exn)) from None
     a = d.get("augment")
     if a is None:
         return

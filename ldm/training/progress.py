@@ -29,6 +29,7 @@ class RunLog:
         self.max_steps = cfg.trainer.max_steps
         self.bar = self.csv = None
         self.lines = self.main and not (cfg.trainer.progress and sys.stdout.isatty())
+        self.buckets_said = False
 
     def start(self, step: int) -> None:
         """After the run directory exists: trackers, metrics.csv, the bar or the clock of the ETA."""
@@ -59,6 +60,23 @@ class RunLog:
         if self.lines:
             print(f"[ldm] step {step}/{self.max_steps}  " + "  ".join(f"{k} {v}" for k, v in shown.items())
                   + f"  ETA {self._eta(step)}", flush=True)
+
+    def buckets(self, step: int, counts: dict) -> None:
+        """data.buckets: samples per bucket shape (height, width) handed to this process since it started,
+        to the trackers at every log step, and as a console line at the first log step and the last."""
+        if not counts or not self.main:
+            return
+        self.write(step, {f"data/bucket_{h}x{w}": n for (h, w), n in counts.items()})
+        if self.buckets_said and step != self.max_steps:
+            return
+        self.buckets_said, total = True, sum(counts.values())
+        shapes = sorted(counts, key=lambda s: s[1] / s[0])  # tallest to widest
+        line = ("[ldm] buckets (samples handed to this process so far): "
+                + ", ".join(f"{h}x{w} {counts[h, w]} ({counts[h, w] / total:.0%})" for h, w in shapes))
+        if self.bar.disable:
+            print(line, flush=True)
+        else:
+            self.bar.write(line)  # above the bar, not through it
 
     def _eta(self, step: int) -> str:
         done = step - self.since_step
