@@ -1,6 +1,7 @@
 """Aspect-ratio buckets (`data.buckets`): bucket shapes, the nearest-bucket resize (never a square crop), and
 the training order with buckets: one shape per micro-batch, every sample once, the same global order on 1, 2
 and 4 processes, an exact resume (also onto another process count). Real shards, written with ShardSink."""
+import io
 import json
 import math
 import sys
@@ -276,3 +277,51 @@ def test_cli_refuses_a_bad_bucket_spec_in_one_line(tmp_path, shards):
                                                     "downsampling factor; 64 suits f8 autoencoders with an SD-like "
                                                     "UNet)")
     assert not (tmp_path / "run").exists()
+
+
+def test_latent_cache_keeps_each_images_bucket_and_trains_one_shape_per_micro_batch(shards, tiny_autoencoder,
+                                                                                     tmp_path):
+    """`train/cache_latents.py` with data.buckets encodes each image at its bucket (the same latent as the
+    image alone), the cache records the buckets (a run without them is refused), and training from it
+    fills every micro-batch with one latent shape."""
+    from omegaconf import OmegaConf
+
+    from ldm.convert import load_autoencoder
+    from ldm.data.latent_cache import cache_shards, check_cache
+    from ldm.data.webdataset import SkipCounter, read_shard
+    from ldm.errors import CacheError
+    from ldm.training.build import build_task, build_train_loader
+    from ldm.training.cache_latents import build_cache
+    from train.cache_latents import compose_train_config
+
+    out = tmp_path / "cache"
+    overrides = ["model=ldm_txt2img_tiny", "data=shapes", f"data.image_size={SIZE}", "debug=default",
+                 f"data.shards='{','.join(shards)}'", f"data.val_shards='{shards[0]}'",
+                 f"model.first_stage.ckpt={tiny_autoencoder}", f"data.latents={out}"]
+    cfg = compose_train_config([*overrides, "data.buckets=true", f"data.bucket_step={STEP}"])
+    manifest = build_cache(cfg, out, batch_size=5)  # batches of 5 of one shape, from a stream of mixed shapes
+    assert manifest["count"] == N_SHARDS * PER_SHARD and manifest["parts"]["buckets"] == [list(b) for b in BUCKETS]
+    autoencoder = load_autoencoder(tiny_autoencoder).eval()
+    f = autoencoder.downsample_factor
+    decoder = SampleDecoder(SIZE, "txt", buckets=tuple(BUCKETS))
+    raws = {r["__key__"]: r for url in shards for r in read_shard(url, SkipCounter(0))}
+    cached = [r for shard in cache_shards(out) for r in read_shard(shard, SkipCounter(0))]
+    assert sorted(r["__key__"] for r in cached) == sorted(raws)
+    for raw in cached[:: 7]:
+        meta = json.loads(raws[raw["__key__"]]["json"])
+        height, width = _bucket_of_source(meta["w"], meta["h"])
+        mean = torch.from_numpy(np.load(io.BytesIO(raw["mean.npy"])))
+        assert tuple(mean.shape[-2:]) == (height // f, width // f)
+        image = decoder(raws[raw["__key__"]])["image"][None]
+        with torch.no_grad():
+            alone = autoencoder.posterior(image).mean[0]
+        torch.testing.assert_close(mean, alone, atol=1e-5, rtol=1e-5)
+    square = compose_train_config(overrides)
+    with pytest.raises(CacheError, match=r"data.buckets is None but the cache was built with \[\[40, 24\]"):
+        check_cache(square, build_task(square).task)
+    loader = build_train_loader(OmegaConf.merge(cfg, {"trainer": {"batch_size": 8, "micro_batch_size": 2}}), 2, 0, 1)
+    shapes = []
+    for _, batch in zip(range(6), loader):
+        assert len({tuple(batch["latent_mean"].shape)}) == 1 and batch["latent_mean"].shape[0] == 2
+        shapes.append(tuple(batch["latent_mean"].shape[-2:]))
+    assert len(set(shapes)) > 1  # several buckets were trained on

@@ -89,8 +89,18 @@ def cache_key_parts(cfg, first_stage: nn.Module, conditioner: nn.Module) -> dict
     return {"version": CACHE_VERSION,
             "first_stage": weights_hash(first_stage, ENCODER_PREFIXES),
             "image_size": d.image_size, "crop": "center", "flip": False,  # ldm/data/decode.py's transform
+            "buckets": cache_buckets(cfg),
             "caption_field": d.caption_field, "label_field": d.label_field,
             "context": context}
+
+
+def cache_buckets(cfg) -> list[list[int]] | None:
+    """The bucket shapes the cache's images are resized to (`data.buckets`), None for square crops."""
+    from ldm.data.buckets import parse_buckets
+
+    d = cfg.data
+    shapes = parse_buckets(d.get("buckets"), d.image_size, d.get("bucket_step", 64), d.get("bucket_max_ratio", 2.0))
+    return None if shapes is None else [list(s) for s in shapes]
 
 
 def cache_key(parts: dict) -> str:
@@ -111,7 +121,7 @@ def _mismatches(saved: dict, now: dict, cfg) -> list[str]:
     if saved.get("first_stage") != now["first_stage"]:
         said.append(f"the first stage's encoder weights differ from the ones it was encoded with "
                     f"(model.first_stage.ckpt={cfg.model.first_stage.ckpt})")
-    for key in ("image_size", "crop", "flip", "caption_field", "label_field"):
+    for key in ("image_size", "crop", "flip", "buckets", "caption_field", "label_field"):
         if saved.get(key) != now[key]:
             said.append(f"data.{key} is {now[key]!r} but the cache was built with {saved.get(key)!r}")
     old, new = saved.get("context"), now["context"]

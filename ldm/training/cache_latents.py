@@ -26,11 +26,12 @@ from torch import nn
 
 from ldm.data.decode import IMAGE_EXTENSIONS, SKIP_KINDS, SampleDecoder
 from ldm.data.integrity import SUMS_MEMBER, file_crc32, member_sums
-from ldm.data.latent_cache import (CACHE_VERSION, MANIFEST, SHARD_NAME, cache_key, cache_key_parts, caches_context,
-                                   npy_bytes, pixel_conditioner, source_urls)
+from ldm.data.latent_cache import (CACHE_VERSION, MANIFEST, SHARD_NAME, cache_buckets, cache_key, cache_key_parts,
+                                   caches_context, npy_bytes, pixel_conditioner, source_urls)
 from ldm.data.webdataset import build_loader
 from ldm.errors import CacheError, write_error_message
 from ldm.models.autoencoder import AutoencoderKL
+from ldm.training.progress import Ticker
 
 
 class KeepMembers(SampleDecoder):
@@ -96,19 +97,44 @@ def encode_shard(source: str, target: Path, cfg, first_stage, conditioner, with_
                  batch_size: int) -> dict:
     """One source shard -> one cache shard (written to a temporary name, then renamed); its counts."""
     d = cfg.data
-    loader = build_loader([source], batch_size=batch_size, image_size=d.image_size, num_workers=1, epochs=1,
-                          caption_field=d.caption_field, label_field=d.label_field, shuffle_buffer=0,
-                          decoder=KeepMembers(d.image_size, d.caption_field, d.label_field))
+    buckets = cache_buckets(cfg)
+    decoder = KeepMembers(d.image_size, d.caption_field, d.label_field,
+                          buckets=None if buckets is None else tuple(map(tuple, buckets)))
+    # With buckets the images have several shapes: the loader hands them one by one, regrouped by shape below.
+    loader = build_loader([source], batch_size=1 if buckets else batch_size, image_size=d.image_size, num_workers=1,
+                          epochs=1, caption_field=d.caption_field, label_field=d.label_field, shuffle_buffer=0,
+                          decoder=decoder)
     for stale in glob.glob(f"{target}.*.tmp"):  # left by an interrupted build of this shard
         os.remove(stale)
     tmp = Path(f"{target}.{os.getpid()}.tmp")
     try:
-        count = _write_shard(tmp, loader, first_stage, conditioner, with_context, device)
+        count = _write_shard(tmp, same_shape_batches(loader, batch_size), first_stage, conditioner, with_context,
+                             device)
         os.replace(tmp, target)
     except OSError as e:  # disk full, quota, read-only: the OS's reason and the path, the partial shard removed
         tmp.unlink(missing_ok=True)
         raise CacheError(write_error_message(e, tmp, f"the shards recorded so far are kept: {RESUME}")) from None
     return {"count": count, "skipped": loader.skipped, "bytes": target.stat().st_size, "crc32": file_crc32(target)}
+
+
+def same_shape_batches(loader, batch_size: int):
+    """The loader's batches regrouped into batches of one image shape, up to `batch_size` samples each (the
+    last of each shape shorter), in the order their last sample came."""
+    groups: dict[tuple, list[dict]] = {}
+    for batch in loader:
+        group = groups.setdefault(tuple(batch["image"].shape[1:]), [])
+        group.append({k: v for k, v in batch.items() if not k.startswith("__")})
+        if sum(len(b["key"]) for b in group) >= batch_size:
+            yield _concat(groups.pop(tuple(batch["image"].shape[1:])))
+    for group in groups.values():
+        yield _concat(group)
+
+
+def _concat(batches: list[dict]) -> dict:
+    if len(batches) == 1:
+        return batches[0]
+    return {k: torch.cat([b[k] for b in batches]) if torch.is_tensor(v) else [x for b in batches for x in b[k]]
+            for k, v in batches[0].items()}
 
 
 def _write_shard(tmp: Path, loader, first_stage, conditioner, with_context: bool, device) -> int:
