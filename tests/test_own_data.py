@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from ldm.data.webdataset import build_loader
-from tests.launch import ENV, ROOT, run
+from tests.launch import ENV, ROOT, launch_cmd, run
 
 NO_GPU = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # the laptop path, also on a GPU machine
 SIZES = [(96, 96), (128, 96), (160, 90)]  # 1:1, 4:3, 16:9
@@ -77,38 +77,57 @@ def test_readme_commands_are_the_ones_tested():
 
 
 @pytest.mark.slow
-def test_readme_own_images_path_end_to_end(tmp_path):
-    """Folder of 60 mixed-aspect images (a third without captions) -> shards -> stage 1 on all of them with
-    flips and random-resized crops -> stage 2 on the captioned ones -> samples, each README line run as
-    written, relocated to tmp_path and shrunk by the README's own smoke-test override."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_readme_own_images_path_end_to_end(processes, tmp_path):
+    """Folder of 60 mixed-aspect images (a third without captions) -> shards -> stage 1 on all of them in
+    aspect-ratio buckets with flips and random-resized crops -> stage 2 on the captioned ones with
+    validation prompts -> non-square samples. Each README line run as written, relocated to tmp_path and
+    shrunk by the README's own smoke-test override; on 2 processes the training lines start with the
+    README's `accelerate launch --multi_gpu --num_processes 2`, on shards of 20 (N processes need N shards)."""
     captioned = image_folder(tmp_path / "my_photos")
-    smoke = "trainer.max_steps=4"  # README: "add trainer.max_steps=4 to each training line for a smoke test"
+    smoke = "trainer.max_steps=4"  # README: "add trainer.max_steps=4 to each training line for a quick check"
     outputs = []
     for command in readme_commands():
         args = shlex.split(command)
         args = [a.replace("my_photos/", f"{tmp_path / 'my_photos'}/").replace("shards/images", str(tmp_path / "shards"
                 / "images")).replace("runs/", f"{tmp_path / 'runs'}/") for a in args]
+        if args[1] == "-m" and processes > 1:
+            args[args.index("--max-count") + 1] = "20"
         if args[1] == "train/main.py":
             args = [a for a in args if not a.startswith("trainer.max_steps=")] + [
                 smoke, f"paths.data={tmp_path / 'shards'}", f"paths.runs={tmp_path / 'runs'}"]
-        proc = subprocess.run([sys.executable, *args[1:]], env=NO_GPU, cwd=ROOT, capture_output=True, text=True,
-                              timeout=900)
+            argv = launch_cmd(processes, *args[2:]) if processes > 1 else [sys.executable, *args[1:]]
+        else:
+            argv = [sys.executable, *args[1:]]
+        proc = subprocess.run(argv, env=NO_GPU, cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         outputs.append(proc.stdout)
     shards_out, stage1, stage2, sample = outputs
     assert f"'written': 60, 'without_caption': {60 - captioned}" in shards_out
     assert f"[ldm] {60 - captioned} of 60 have no caption: train stage 1 on every image" in shards_out
+    assert f"{processes} process(es)" in stage1 and f"{processes} process(es)" in stage2
     assert "RANDOM alex backbone" in stage1  # the run says its LPIPS is random
-    assert (tmp_path / "runs" / "autoencoder_kl_demo-images" / "autoencoder.safetensors").is_file()
-    config = (tmp_path / "runs" / "autoencoder_kl_demo-images" / "config.yaml").read_text()
+    runs = tmp_path / "runs"
+    assert (runs / "autoencoder_kl_demo-images" / "autoencoder.safetensors").is_file()
+    config = (runs / "autoencoder_kl_demo-images" / "config.yaml").read_text()
     assert re.search(r"augment:\n\s+flip: 0.5\n\s+crop: random_resized", config)
+    shapes = []  # the bucket histograms (4 steps each): 1:1, 4:3 and 16:9 photos in more than one shape
+    for out in (stage1, stage2):
+        histogram = re.search(r"\[ldm\] buckets \(samples handed to this process so far\): (.*)", out)
+        assert histogram, out[-2000:]
+        shapes += re.findall(r"(\d+x\d+) \d+", histogram.group(1))
+    assert len(set(shapes)) > 1, shapes
 
     def skipped_missing_caption(run):
-        csv = (tmp_path / "runs" / run / "metrics.csv").read_text().splitlines()
+        csv = (runs / run / "metrics.csv").read_text().splitlines()
         return [float(r.split(",")[2]) for r in csv if ",data/skipped_missing_caption," in r]
 
     stage1_skips = skipped_missing_caption("autoencoder_kl_demo-images")
     assert stage1_skips and not any(stage1_skips)  # stage 1 read every image
     assert max(skipped_missing_caption("ldm_txt2img_demo-images")) > 0  # stage 2 skipped the uncaptioned ones
+    validation = sorted((runs / "ldm_txt2img_demo-images" / "images").glob("validation_*.png"))
+    assert validation, stage2[-2000:]  # the validation prompts' grid (made at the end at least)
     grid = re.search(r"-> (\S+grid\.png)", sample)
     assert grid and (ROOT / grid.group(1)).is_file(), sample[-2000:]
+    pictures = [f for f in (ROOT / grid.group(1)).parent.glob("*.png") if f.name != "grid.png"]
+    assert pictures and all(Image.open(f).size == (80, 48) for f in pictures)  # width x height as asked
