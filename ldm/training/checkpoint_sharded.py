@@ -79,6 +79,14 @@ def sharded_norm(state: dict[str, torch.Tensor]) -> float:
     return math.sqrt(whole + float(total))
 
 
+def _writer(directory: Path):
+    """DCP's file writer without its fsync per file: a full checkpoint is not fsynced either, and the
+    manifest's checksums catch a copy a crashed node lost (resume falls back to the previous one)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    return FileSystemWriter(directory, sync_files=False)
+
+
 def _first_failure(e: BaseException) -> BaseException:
     """DCP wraps every rank's error in one CheckpointException: the first underlying one."""
     failures = getattr(e, "failures", None) or {}
@@ -151,7 +159,7 @@ class ShardedCheckpointer(Checkpointer):
         if not background:
             with _writing(tmp, run_dir, step):
                 try:
-                    dcp.save(state, checkpoint_id=tmp)  # returns on every rank once all ranks' shards are written
+                    dcp.save(state, storage_writer=_writer(tmp))  # returns once every rank's shards are written
                 except dcp.api.CheckpointException as e:
                     raise _first_failure(e) from None
             self._complete(tmp, final, step, described)
@@ -159,7 +167,7 @@ class ShardedCheckpointer(Checkpointer):
             return final
         if self._group is None and _distributed():
             self._group = torch.distributed.new_group(backend="gloo")
-        future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._group)  # copies, then writes
+        future = dcp.async_save(state, storage_writer=_writer(tmp), process_group=self._group)  # copies, then writes
         self._thread = threading.Thread(target=self._finish_background, args=(future, tmp, final, described, start),
                                         name=f"checkpoint-{step}")  # not a daemon: the interpreter waits for it
         self._thread.start()
