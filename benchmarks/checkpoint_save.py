@@ -119,7 +119,7 @@ def summary(result: dict) -> dict:
 
     rows = [r for rank_rows in result["rows"] for r in rank_rows]
     per_rank = {r: statistics.median(x["peak_extra"] for x in rows if x["rank"] == r) for r in (0, 1)}
-    return {"resumed_s": statistics.median(max(x["resumed_s"] for x in rr) for rr in zip(*result["rows"])),
+    return {"params": result["params"], "resumed_s": statistics.median(max(x["resumed_s"] for x in rr) for rr in zip(*result["rows"])),
             "complete_s": statistics.median(max(x["complete_s"] for x in rr) for rr in zip(*result["rows"])),
             "peak_rank0_MB": per_rank[0] / 2**20, "peak_rank1_MB": per_rank[1] / 2**20,
             "written_MB": sum(result["files"].values()) / 2**20,
@@ -142,7 +142,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ckpt_bench_") as scratch:
         for fmt in args.formats:
             results[fmt] = summary(launch(args, fmt, Path(scratch) / fmt))
-    print(f"{args.model} UNet, model_channels {args.channels}, 2 processes (DDP, gloo), {args.repeats} saves each")
+    params = next(iter(results.values()))["params"]
+    print(f"{args.model} UNet, model_channels {args.channels} ({params / 1e6:.1f}M parameters), 2 processes (DDP, gloo), {args.repeats} saves each")
     print(f"{'format':8} {'until training goes on':>23} {'until complete':>15} {'peak extra RSS r0/r1 (MB)':>27} "
           f"{'written (MB)':>13} {'largest file (MB)':>18}")
     for fmt, s in results.items():

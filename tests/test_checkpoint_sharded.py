@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from ldm.errors import CheckpointError
-from ldm.training.checkpoint_files import list_checkpoints, verify_checkpoint, write_manifest
+from ldm.training.checkpoint_files import list_checkpoints, resolve_resume, verify_checkpoint, write_manifest
 from ldm.training.consolidate import read_sharded_weights
 from tests.launch import ENV, launch_cmd, run
 
@@ -79,7 +79,8 @@ def test_flipped_byte_in_a_shard_is_refused_in_one_line(shapes_shards, tiny_auto
                                    f"trainer.resume={shard.parent}", "trainer.max_steps=3")), check=False)
     line = failed_line(proc)
     assert line.startswith("[ldm] ") and f"{shard} does not match its checksum" in line, line
-    # sampling names it too: `latest` falls back to step 1, a named checkpoint is refused
+    assert resolve_resume("latest", run_dir).name == "step_00000001"  # `latest` falls back, as for full ones
+    # sampling names it too
     proc = run([sys.executable, "train/sample.py", f"run_dir={run_dir}", f"checkpoint={shard.parent}", "prompts=[a]"],
                check=False)
     assert f"{shard} does not match its checksum" in failed_line(proc)
