@@ -166,3 +166,17 @@ def test_background_saves_complete_and_a_kill_during_one_keeps_the_previous(shap
     run(launch_cmd(1, *args(shapes_shards, tiny_autoencoder, one, *every)))
     a, b = one / "checkpoints/step_00000004", killed_dir / "checkpoints/step_00000004"
     assert max_diff(weights(a), weights(b)) == 0 and max_diff(weights(a, "ema"), weights(b, "ema")) == 0
+
+
+def test_async_without_sharded_is_a_config_error():
+    from hydra import compose, initialize_config_dir
+
+    from ldm.config import ConfigError, check_trainer, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer.checkpoint_async=true"])
+        sharded = compose("train", overrides=["trainer.checkpoint_async=true", *SHARDED])
+    with pytest.raises(ConfigError, match="checkpoint_async=true needs trainer.checkpoint_format=sharded"):
+        check_trainer(cfg)
+    check_trainer(sharded)

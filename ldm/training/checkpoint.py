@@ -21,8 +21,8 @@ stop message names it.
 
 Weights and optimizer states are written whole (unsharded), gathered through torch's distributed
 state-dict API, so the files are the same under `trainer.strategy=ddp` and `fsdp`: a run saved under one
-resumes under the other, and on any number of processes. Saving and loading are collectives: every rank
-calls them.
+resumes under the other, on any number of processes. Saving and loading are collectives: every rank calls
+them. `trainer.checkpoint_format=sharded` (each rank writes its shards): ldm/training/checkpoint_sharded.py.
 """
 from __future__ import annotations
 
@@ -93,12 +93,6 @@ def _optimizer_states(task, optimizers: dict) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return {k: get_optimizer_state_dict(task, o, options=_full_options(cpu_offload=True)) for k, o in optimizers.items()}
-
-
-def _load_task_state(task, weights: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    set_model_state_dict(task, weights, options=_full_options(strict=False))
 
 
 def _load_optimizer_state(task, optimizer, state: dict) -> None:
@@ -341,7 +335,9 @@ class Checkpointer:
         """Read, check, then load weights, EMA and optimizer states; returns the files read (sharded: overridden)."""
         files = _read_checkpoint(path, self.rank, self.world_size, state, self.ema is not None)
         check_task_weights(self.task, files["weights"], path)
-        _load_task_state(self.task, files["weights"])
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.task, files["weights"], options=_full_options(strict=False))
         if self.ema is not None:
             self.ema.load_state_dict(files["ema"])
         for k, o in self.optimizers.items():
