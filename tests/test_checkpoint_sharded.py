@@ -180,3 +180,22 @@ def test_async_without_sharded_is_a_config_error():
     with pytest.raises(ConfigError, match="checkpoint_async=true needs trainer.checkpoint_format=sharded"):
         check_trainer(cfg)
     check_trainer(sharded)
+
+
+@pytest.mark.slow
+def test_export_and_evaluate_read_a_sharded_checkpoint_as_its_consolidated_copy(sharded_run, tmp_path):
+    """train/export.py on the sharded run (consolidated in memory, said once) writes the UNet that exporting
+    the train/consolidate.py copy writes; train/evaluate.py reads it too."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(sharded_run, run_dir)
+    direct = run([sys.executable, "train/export.py", str(run_dir), str(tmp_path / "direct")])
+    assert direct.stdout.count("is sharded: consolidating its weights in memory") == 1
+    run([sys.executable, "train/consolidate.py", str(run_dir / "checkpoints/step_00000002"), "--out",
+         str(tmp_path / "joined")])
+    via = run([sys.executable, "train/export.py", str(run_dir), str(tmp_path / "via"), "--checkpoint",
+               str(tmp_path / "joined")])
+    assert "consolidating" not in via.stdout
+    a, b = (load_file(tmp_path / d / "unet/diffusion_pytorch_model.safetensors") for d in ("direct", "via"))
+    assert max_diff(a, b) == 0
+    evaluated = run([sys.executable, "train/evaluate.py", str(run_dir), "--batches", "1", "--no-fid"])
+    assert "consolidating its weights in memory" in evaluated.stdout
