@@ -119,8 +119,8 @@ def summary(result: dict) -> dict:
 
     rows = [r for rank_rows in result["rows"] for r in rank_rows]
     per_rank = {r: statistics.median(x["peak_extra"] for x in rows if x["rank"] == r) for r in (0, 1)}
-    return {"params": result["params"], "resumed_s": statistics.median(max(x["resumed_s"] for x in rr) for rr in zip(*result["rows"])),
-            "complete_s": statistics.median(max(x["complete_s"] for x in rr) for rr in zip(*result["rows"])),
+    slowest = lambda key: statistics.median(max(x[key] for x in rr) for rr in zip(*result["rows"]))  # noqa: E731
+    return {"params": result["params"], "resumed_s": slowest("resumed_s"), "complete_s": slowest("complete_s"),
             "peak_rank0_MB": per_rank[0] / 2**20, "peak_rank1_MB": per_rank[1] / 2**20,
             "written_MB": sum(result["files"].values()) / 2**20,
             "largest_file_MB": max(result["files"].values()) / 2**20}
@@ -143,7 +143,8 @@ def main() -> None:
         for fmt in args.formats:
             results[fmt] = summary(launch(args, fmt, Path(scratch) / fmt))
     params = next(iter(results.values()))["params"]
-    print(f"{args.model} UNet, model_channels {args.channels} ({params / 1e6:.1f}M parameters), 2 processes (DDP, gloo), {args.repeats} saves each")
+    print(f"{args.model} UNet, model_channels {args.channels} ({params / 1e6:.1f}M parameters), 2 processes "
+          f"(DDP, gloo), {args.repeats} saves each")
     print(f"{'format':8} {'until training goes on':>23} {'until complete':>15} {'peak extra RSS r0/r1 (MB)':>27} "
           f"{'written (MB)':>13} {'largest file (MB)':>18}")
     for fmt, s in results.items():
@@ -154,7 +155,8 @@ def main() -> None:
         print(f"sharded/full: save time {s['complete_s'] / f['complete_s']:.2f}x, peak extra RSS on rank 0 "
               f"{s['peak_rank0_MB'] / max(f['peak_rank0_MB'], 1e-9):.2f}x")
     if "async" in results and "full" in results:
-        print(f"async/full: time until training goes on {results['async']['resumed_s'] / results['full']['complete_s']:.2f}x")
+        ratio = results["async"]["resumed_s"] / results["full"]["complete_s"]
+        print(f"async/full: time until training goes on {ratio:.2f}x")
 
 
 if __name__ == "__main__":

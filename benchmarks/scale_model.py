@@ -55,7 +55,8 @@ def main() -> None:
               "| fits | sharded time | fits |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in rows(gbps, args.gpus_per_node, args.aggregate_gbps):
-            print(f"| {r['model']} | {r['total_GB']:.1f} GB | {r['ranks']} ({r['nodes']}) | {r['full_rank0_GB']:.1f} GB "
+            print(f"| {r['model']} | {r['total_GB']:.1f} GB | {r['ranks']} ({r['nodes']}) "
+                  f"| {r['full_rank0_GB']:.1f} GB "
                   f"| {r['sharded_rank_GB'] * 1e3:.0f} MB | {r['full_s']:.1f} s | {fits(r['full_s'])} "
                   f"| {r['sharded_s']:.1f} s | {fits(r['sharded_s'])} |")
 

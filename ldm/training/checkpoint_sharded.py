@@ -32,7 +32,8 @@ import torch
 from torch.utils._pytree import tree_map_only
 
 from ldm.errors import CheckpointError, CheckpointWriteError, NonFiniteError
-from ldm.training.checkpoint import Checkpointer, _any_rank, _distributed, check_task_weights, non_finite_tensors, rng_state
+from ldm.training.checkpoint import (Checkpointer, _any_rank, _distributed, check_task_weights, non_finite_tensors,
+                                     rng_state)
 from ldm.training.checkpoint_files import (_crash_point, _kept, _safe_torch_load, _say, _swap_into_place, _write_json,
                                            _writing, read_dcp_metadata, rotate_checkpoints, write_manifest)
 
@@ -55,7 +56,8 @@ def model_state(task) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     skip = tuple(getattr(task, "frozen_prefixes", ()))
-    return {k: v for k, v in get_model_state_dict(task, options=_options()).items() if not (skip and k.startswith(skip))}
+    state = get_model_state_dict(task, options=_options())
+    return {k: v for k, v in state.items() if not (skip and k.startswith(skip))}
 
 
 def ema_state(ema) -> dict[str, torch.Tensor]:
@@ -68,7 +70,8 @@ def sharded_norm(state: dict[str, torch.Tensor]) -> float:
     """L2 norm of the floating-point tensors, the same on every rank (a collective when any is a DTensor)."""
     whole = sum(float(torch.linalg.vector_norm(v.float())) ** 2 for v in state.values()
                 if v.is_floating_point() and not hasattr(v, "to_local"))
-    parts = [_local(v).double().pow(2).sum() for v in state.values() if v.is_floating_point() and hasattr(v, "to_local")]
+    parts = [_local(v).double().pow(2).sum() for v in state.values()
+             if v.is_floating_point() and hasattr(v, "to_local")]
     if not parts:
         return math.sqrt(whole)
     total = torch.stack(parts).sum()

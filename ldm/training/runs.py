@@ -40,7 +40,8 @@ def load_run(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True, ch
         weights, ema = read_sharded_weights(ckpt)
     else:
         ema_file = ckpt / "ema.safetensors"
-        weights, ema = load_file(ckpt / "model.safetensors"), load_file(ema_file) if use_ema and ema_file.is_file() else None
+        weights = load_file(ckpt / "model.safetensors")
+        ema = load_file(ema_file) if use_ema and ema_file.is_file() else None
     check_task_weights(task, weights, ckpt)
     task.load_state_dict(weights, strict=False)
     if use_ema and ema is not None:
