@@ -199,3 +199,16 @@ def test_export_and_evaluate_read_a_sharded_checkpoint_as_its_consolidated_copy(
     assert max_diff(a, b) == 0
     evaluated = run([sys.executable, "train/evaluate.py", str(run_dir), "--batches", "1", "--no-fid"])
     assert "consolidating its weights in memory" in evaluated.stdout
+
+
+def test_paper_scale_arithmetic():
+    """benchmarks/scale_model.py: 860M x 16 B = 13.76 GB; 64 ranks on 8 nodes at 1 GB/s per node."""
+    out = run([sys.executable, "benchmarks/scale_model.py", "--node-gbps", "1"]).stdout
+    assert "| SD-v1 UNet (860M) | 13.8 GB | 64 (8) | 13.8 GB | 215 MB | 13.8 s | yes/yes | 1.7 s | yes/yes |" in out
+    assert "| 2.6B UNet | 41.6 GB | 256 (32) | 41.6 GB | 162 MB | 41.6 s | yes/yes | 1.3 s | yes/yes |" in out
+
+
+@pytest.mark.slow
+def test_save_benchmark_runs_at_a_tiny_size():
+    out = run([sys.executable, "benchmarks/checkpoint_save.py", "--channels", "32", "--repeats", "1"]).stdout
+    assert "sharded/full: save time" in out and "async/full" in out
