@@ -32,6 +32,11 @@ class Strategy(str, Enum):
     fsdp = "fsdp"
 
 
+class CheckpointFormat(str, Enum):
+    full = "full"
+    sharded = "sharded"
+
+
 class ActivationCheckpointing(str, Enum):
     none = "none"
     full = "full"
@@ -143,6 +148,10 @@ class TrainerConfig:
     eval_batches: int = 4  # batches of the held-out set per evaluation
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep_last: int = 3  # checkpoints kept on disk (0 keeps all)
+    # full: rank 0 writes whole safetensors files | sharded: every rank writes its shards in parallel
+    # (torch.distributed.checkpoint; ldm/training/checkpoint_sharded.py); train/consolidate.py joins them
+    checkpoint_format: CheckpointFormat = CheckpointFormat.full
+    checkpoint_async: bool = False  # sharded only: scheduled saves write in the background while training goes on
     resume: str = "latest"  # latest | never | PATH to a checkpoint directory
     seed: int = 0
     latent_stat_batches: int = 8  # stage 1: batches used to measure latent mean/std at the end
@@ -285,6 +294,9 @@ def check_trainer(cfg: Any) -> None:
     if t.spike.factor <= 1 or t.spike.max_weight_change <= 0 or t.spike.max_rewinds < 0:
         raise ConfigError(f"trainer.spike: factor={t.spike.factor} must be > 1, max_weight_change="
                           f"{t.spike.max_weight_change} > 0 and max_rewinds={t.spike.max_rewinds} >= 0")
+    if t.checkpoint_async and t.checkpoint_format.value != "sharded":
+        raise ConfigError("trainer.checkpoint_async=true needs trainer.checkpoint_format=sharded (a full checkpoint "
+                          "is written by rank 0 alone, in the foreground)")
     if t.validation.every < 0 or (t.validation.steps is not None and t.validation.steps < 1):
         raise ConfigError(f"trainer.validation: every={t.validation.every} must be >= 0 (0 = only at the end) and "
                           f"steps={t.validation.steps} >= 1 (or null for the model's)")

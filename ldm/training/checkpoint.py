@@ -21,8 +21,8 @@ stop message names it.
 
 Weights and optimizer states are written whole (unsharded), gathered through torch's distributed
 state-dict API, so the files are the same under `trainer.strategy=ddp` and `fsdp`: a run saved under one
-resumes under the other, and on any number of processes. Saving and loading are collectives: every rank
-calls them.
+resumes under the other, on any number of processes. Saving and loading are collectives: every rank calls
+them. `trainer.checkpoint_format=sharded` (each rank writes its shards): ldm/training/checkpoint_sharded.py.
 """
 from __future__ import annotations
 
@@ -93,12 +93,6 @@ def _optimizer_states(task, optimizers: dict) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return {k: get_optimizer_state_dict(task, o, options=_full_options(cpu_offload=True)) for k, o in optimizers.items()}
-
-
-def _load_task_state(task, weights: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    set_model_state_dict(task, weights, options=_full_options(strict=False))
 
 
 def _load_optimizer_state(task, optimizer, state: dict) -> None:
@@ -235,9 +229,9 @@ class Checkpointer:
             self.log(step, {"checkpoint/save_seconds": seconds})
         return path
 
-    def _health(self, weights: dict[str, torch.Tensor]) -> dict:
+    def _health(self, weights: dict[str, torch.Tensor], norm: float | None = None) -> dict:
         """Rank 0: whether the run is healthy now (see the module docstring), with the reasons if not."""
-        norm, reasons = weight_norm(weights), []
+        norm, reasons = weight_norm(weights) if norm is None else norm, []
         if self.guard.recent_skips():
             reasons.append(f"a step was skipped within the last {self.spike.window} steps")
         bound = 1 + self.spike.max_weight_change
@@ -306,19 +300,13 @@ class Checkpointer:
         checkpoint belongs to another model preset. The config's optimizer settings (lr, betas, weight
         decay, eps) override the loaded ones, and the note lists the changed keys. A rewind keeps the data
         position and RNG streams where they are: the batches that caused it are not read again."""
-        path, rank, world_size, task, meta = Path(path), self.rank, self.world_size, self.task, self.meta
+        path, rank, task, meta = Path(path), self.rank, self.task, self.meta
         state = _read_json(path / "state.json")
         if state.get("model") != meta.get("model"):
             raise ValueError(f"checkpoint {path} belongs to another model preset ('{state.get('model')}', this run "
                              f"is '{meta.get('model')}'); use another run_dir or trainer.resume=never")
-        files = _read_checkpoint(path, rank, world_size, state, self.ema is not None)
-        check_task_weights(task, files["weights"], path)
         wanted = {k: _optimizer_settings(o) for k, o in self.optimizers.items()}
-        _load_task_state(task, files["weights"])
-        if self.ema is not None:
-            self.ema.load_state_dict(files["ema"])
-        for k, o in self.optimizers.items():
-            _load_optimizer_state(task, o, files["training"]["optimizers"][k])
+        files = self._restore_states(path, state)
         for k, s in self.schedulers.items():
             s.load_state_dict(files["training"]["schedulers"][k])
         changes = [c for k, o in self.optimizers.items()
@@ -328,8 +316,8 @@ class Checkpointer:
             self.guard.load_state_dict(files["training"]["guard"], phase=task.step_phase(step - 1))
         health = state.get("health") or {}
         self.reference_norm = health.get("weight_norm") if health.get("healthy", True) else health.get("reference_norm")
-        if self.reference_norm is None:
-            self.reference_norm = weight_norm(files["weights"])
+        if self.reference_norm is None:  # (a sharded checkpoint's reader measures the norm: "norm")
+            self.reference_norm = files.get("norm") or weight_norm(files["weights"])
         self.guard.snapshot_buffers()
         if rewind:
             return step
@@ -342,6 +330,19 @@ class Checkpointer:
                   f"the new values")
         self._restore_position(files, path, state)
         return step
+
+    def _restore_states(self, path: Path, state: dict) -> dict:
+        """Read, check, then load weights, EMA and optimizer states; returns the files read (sharded: overridden)."""
+        files = _read_checkpoint(path, self.rank, self.world_size, state, self.ema is not None)
+        check_task_weights(self.task, files["weights"], path)
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.task, files["weights"], options=_full_options(strict=False))
+        if self.ema is not None:
+            self.ema.load_state_dict(files["ema"])
+        for k, o in self.optimizers.items():
+            _load_optimizer_state(self.task, o, files["training"]["optimizers"][k])
+        return files
 
     def _restore_position(self, files: dict, path: Path, state: dict) -> None:
         """The data position of every lane (merged from all ranks' files, so another process count continues

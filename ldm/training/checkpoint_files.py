@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import zlib
@@ -26,6 +27,7 @@ from ldm.errors import CheckpointError, CheckpointWriteError, os_reason
 
 STEP_DIR = re.compile(r"^step_(\d{8})(\.old)?$")
 MANIFEST = "manifest.json"
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint's `*.distcp` files
 
 
 def _main_process() -> bool:
@@ -144,8 +146,12 @@ def verify_checkpoint(path: str | Path) -> dict:
     files = manifest.get("files")
     if not isinstance(files, dict) or not isinstance(state.get("step"), int) or manifest.get("step") != state["step"]:
         raise CheckpointError(f"{path / MANIFEST} does not describe step {state.get('step')} of state.json")
-    world = state.get("world_size", 1)
-    for name in ["model.safetensors", "training.pt", *(f"rank_{r}.pt" for r in range(world))]:
+    world, fmt = state.get("world_size", 1), state.get("format", "full")
+    required = {"full": ["model.safetensors", "training.pt"], "sharded": [DCP_METADATA, "training.pt"],
+                "consolidated": ["model.safetensors"]}.get(fmt)
+    if required is None:
+        raise CheckpointError(f"{path / 'state.json'} names an unknown checkpoint format {fmt!r}")
+    for name in [*required, *(f"rank_{r}.pt" for r in range(world) if fmt != "consolidated")]:
         if name not in files:
             raise CheckpointError(f"{path / MANIFEST} does not list {name}")
     for name, entry in files.items():
@@ -167,7 +173,39 @@ def verify_checkpoint(path: str | Path) -> dict:
                 raise CheckpointError(f"{f} is not a valid safetensors file ({e})") from None
         elif name.endswith(".pt"):
             _safe_torch_load(f, mmap=True)  # mmap: the structure is checked, tensors stay on disk
+        elif name == DCP_METADATA:
+            read_dcp_metadata(path)
     return state
+
+
+_PLAIN = {("builtins", n) for n in ("set", "frozenset", "list", "dict", "tuple", "object", "int", "float", "str",
+                                   "bytes", "bool", "slice")} | {
+    ("collections", "OrderedDict"), ("copyreg", "_reconstructor"), ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"), ("torch.serialization", "_get_layout")}  # (a layout by name, e.g. torch.strided)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle: only its own record classes, torch sizes/dtypes and builtins may be built."""
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("torch.distributed.checkpoint.") or (module, name) in _PLAIN or \
+                (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def read_dcp_metadata(path: Path):
+    """The `.metadata` of a sharded checkpoint (tensor names, shapes, dtypes, which file holds each chunk),
+    unpickled with an allow-list, so a planted object is refused instead of run."""
+    f = Path(path) / DCP_METADATA
+    try:
+        with open(f, "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+    except Exception as e:
+        raise CheckpointError(f"{f} cannot be loaded safely ({type(e).__name__}: {e})") from None
+    if not hasattr(metadata, "state_dict_metadata"):
+        raise CheckpointError(f"{f} is not a torch.distributed.checkpoint metadata file")
+    return metadata
 
 
 def _kept(run_dir: Path) -> str:

@@ -19,6 +19,7 @@ from ldm.tasks.base import RunContext
 from ldm.training.build import (BuiltTask, build_accelerator, build_eval_loader, build_task, build_train_loader,
                                 save_config)
 from ldm.training.checkpoint import Checkpointer, config_fingerprint
+from ldm.training.checkpoint_sharded import ShardedCheckpointer
 from ldm.training.guard import REWIND
 from ldm.training.parallel import parallelize
 from ldm.training.preemption import StopRequest, after_stop, report_outcome
@@ -106,7 +107,7 @@ def train(cfg) -> Path:
                     validate(built.task, cfg, accelerator, step, Path(cfg.run_dir), steps.ema)
             if step % cfg.trainer.ckpt_every == 0 and step < cfg.trainer.max_steps:
                 with steps.meter.excluded():
-                    ckpt.save(step, "scheduled")
+                    ckpt.save(step, "scheduled", background=True)  # (trainer.checkpoint_async)
 
         # Done: the loader's workers stop now (they ignore SIGTERM: see ignore_stop_signals).
         log.close()
@@ -146,10 +147,13 @@ def _checkpointer(cfg, steps: TrainStep, loader, accelerator, log: RunLog) -> Ch
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
     meta = {"model": cfg.model.name, "fingerprint": config_fingerprint(model_cfg),
             "strategy": cfg.trainer.strategy.value}
-    return Checkpointer(cfg.run_dir, task=steps.task, optimizers=steps.optimizers, schedulers=steps.schedulers,
-                        ema=steps.ema, loader=loader, guard=steps.guard, meta=meta, rank=accelerator.process_index,
-                        world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
-                        keep_last=cfg.trainer.keep_last, spike=cfg.trainer.spike, log=log.write)
+    return ShardedCheckpointer(cfg.run_dir, task=steps.task, optimizers=steps.optimizers, schedulers=steps.schedulers,
+                               ema=steps.ema, loader=loader, guard=steps.guard, meta=meta,
+                               rank=accelerator.process_index, world_size=accelerator.num_processes,
+                               barrier=accelerator.wait_for_everyone, keep_last=cfg.trainer.keep_last,
+                               spike=cfg.trainer.spike, log=log.write,
+                               checkpoint_format=cfg.trainer.checkpoint_format.value,
+                               background_saves=cfg.trainer.checkpoint_async)
 
 
 def _resume(cfg, ckpt: Checkpointer, accelerator, micro: int, accum: int) -> int:

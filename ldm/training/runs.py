@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from ldm.training.checkpoint import check_task_weights, resolve_resume
 from ldm.config import TrainConfig
 from ldm.training.build import build_task
+from ldm.training.consolidate import checkpoint_format, read_sharded_weights
 
 
 def load_run(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True, check=None):
@@ -33,11 +34,17 @@ def load_run(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True, ch
     task = build_task(cfg).task
     if check is not None:
         check(cfg, task)
-    weights = load_file(ckpt / "model.safetensors")
+    if checkpoint_format(ckpt) == "sharded":  # joined here, in memory; train/consolidate.py writes it once
+        print(f"[ldm] {ckpt} is sharded: consolidating its weights in memory (python train/consolidate.py "
+              f"{ckpt} writes them once)", flush=True)
+        weights, ema = read_sharded_weights(ckpt)
+    else:
+        ema_file = ckpt / "ema.safetensors"
+        weights = load_file(ckpt / "model.safetensors")
+        ema = load_file(ema_file) if use_ema and ema_file.is_file() else None
     check_task_weights(task, weights, ckpt)
     task.load_state_dict(weights, strict=False)
-    ema_file = ckpt / "ema.safetensors"
-    if use_ema and ema_file.is_file():
-        shadow = {k.removeprefix("shadow."): v for k, v in load_file(ema_file).items() if k.startswith("shadow.")}
+    if use_ema and ema is not None:
+        shadow = {k.removeprefix("shadow."): v for k, v in ema.items() if k.startswith("shadow.")}
         task.ema_target().load_state_dict(shadow)
     return cfg, task.eval(), ckpt
