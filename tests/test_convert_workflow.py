@@ -106,6 +106,7 @@ def tiny_sd(tmp_path_factory):
     return dict(root=root, folder=root / "sd15", raw=raw, ema=ema_state)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' own numpy-2 warning in set_timesteps
 def test_finetune_export_and_sample_in_diffusers(tiny_sd, shapes_shards, tmp_path):
     from ldm.convert import load_unet
@@ -162,6 +163,7 @@ def test_finetune_export_and_sample_in_diffusers(tiny_sd, shapes_shards, tmp_pat
     assert namespace["vae"].scale_factor.item() == pytest.approx(0.18215)
 
 
+@pytest.mark.slow
 def test_export_of_our_own_txt2img_run(shapes_shards, tmp_path):
     """A run with our jointly trained text encoder exports UNet, VAE and scheduler (no pipeline index); diffusers'
     UNet from the folder computes what the run's EMA UNet computes. A stage-1 run, or an existing output

@@ -48,6 +48,7 @@ def test_held_out_means_average_per_image_not_per_batch():
     assert images == 4 and means["x"] == pytest.approx(4.0) and seen == [0, 1]  # per batch it would be 6.0
 
 
+@pytest.mark.slow
 def test_evaluate_py_is_batch_size_independent_and_rfid_uses_the_reconstructions(runs):
     """32 held-out images in batches of 5 (the last one of 2) or of 32: the same per-image means. The rFID
     features are those of `task.reconstruct`, the images the training grid shows beside the inputs."""

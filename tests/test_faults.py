@@ -129,11 +129,13 @@ def kill_and_resume(shards, reference: Path, run_dir: Path, kill: str, *extra, m
     return resumed
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_autoencoder_one_process(shapes_shards, ae_run, tmp_path):
     resumed = kill_and_resume(shapes_shards, ae_run, tmp_path / "run", "model:3:0")
     assert "resuming step_00000002" in resumed.stdout
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_ldm_one_process_and_resave_window(shapes_shards, ae_run, tmp_path):
     first_stage = f"model.first_stage.ckpt={ae_run / 'autoencoder.safetensors'}"
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
@@ -153,6 +155,7 @@ def test_sigkill_mid_save_ldm_one_process_and_resave_window(shapes_shards, ae_ru
     assert_same_checkpoint(reference / "checkpoints/step_00000004", run_dir / "checkpoints/step_00000004")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_two_processes(shapes_shards, ae_run, tmp_path):
     """2 processes: rank 1 killed after writing its part of step 3 (torchrun tears the job down)."""
     reference = tmp_path / "reference"
@@ -161,6 +164,7 @@ def test_sigkill_mid_save_two_processes(shapes_shards, ae_run, tmp_path):
     assert "resuming step_00000002" in resumed.stdout
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_ldm_two_processes(shapes_shards, ae_run, tmp_path):
     """In the default suite on purpose (the issue asks for the 2-process LDM case in CI): ~30 s."""
     first_stage = [f"model.first_stage.ckpt={ae_run / 'autoencoder.safetensors'}"]
@@ -172,6 +176,7 @@ def test_sigkill_mid_save_ldm_two_processes(shapes_shards, ae_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ NaN guard
+@pytest.mark.slow
 def test_nan_loss_skips_steps_then_stops_and_keeps_finite_state(shapes_shards, ae_run, tmp_path):
     """A healthy run resumed with kl_weight=1e38: every step is skipped (weights unchanged), the run stops
     after max_bad_steps with a non-zero exit, and autoencoder.safetensors keeps its finite scale_factor."""
@@ -310,6 +315,7 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow
 def test_planted_pickle_payload_never_runs(shapes_shards, ae_run, tmp_path):
     """Payloads in training.pt (step 4) and rank_0.pt (step 3), with manifests recomputed so only the safe
     loader stands in the way: nothing runs, both are named, resume falls back to step 2 and ends identical."""
@@ -599,6 +605,7 @@ def _flip_exponent_of_each(directory: Path, member: str) -> int:
     return hits
 
 
+@pytest.mark.slow
 def test_damaged_latent_cache_is_named_not_trained_on(shapes_shards, tiny_autoencoder, tmp_path):
     """One exponent byte flipped in each cached mean.npy: the run stops with a line naming a shard and the
     checksum, instead of training to the end on latents of 1e38."""

@@ -86,6 +86,7 @@ def test_loop_overrides_compose_against_the_schema(ckpt):
     assert cfg.trainer.activation_checkpointing == ckpt and cfg.trainer.compile is False
 
 
+@pytest.mark.slow
 def test_in_process_parts_run_on_torch_alone_and_compare_with_diffusers(tmp_path):
     """The unet and ae parts at tiny size: same parameter count as diffusers, img/s, FLOPs, MFU and ratios
     that add up, the table printed last, results.json and results.md written."""

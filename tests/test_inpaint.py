@@ -64,6 +64,7 @@ def test_masked_image_conditioner_layout():
         sd({"image": image, "mask": mask[:, :, :8]}, latent_size=(8, 8))
 
 
+@pytest.mark.slow
 def test_inpainting_trains_samples_and_keeps_the_unmasked_region(shapes_shards, tmp_path, monkeypatch):
     from ldm.training.loop import train
     from ldm.training.runs import load_run

@@ -47,6 +47,7 @@ def ldm_cfg(model, shards, first_stage, run_dir, *extra):
                         f"run_dir={run_dir}", *extra])
 
 
+@pytest.mark.slow
 def test_txt2img_trains_resumes_and_samples(shapes_shards, first_stage, tmp_path):
     run_dir = tmp_path / "run"
     run(ldm_cfg("ldm_txt2img_tiny", shapes_shards, first_stage, run_dir, "trainer.max_steps=2"))

@@ -276,6 +276,7 @@ def assert_syncs_only_at_log_steps(events, cfg):
     assert {s for s, _, _ in events} == log_steps  # the recorder sees the log steps' reads: it is not blind
 
 
+@pytest.mark.slow
 def test_stage1_step_is_sync_free_and_logs_the_meter(shapes_shards, tmp_path, monkeypatch, capsys):
     """Stage 1 (two optimizers, the GAN phase starting at step 1: a second FLOP count mid-run) on CPU:
     no host read of a tensor outside log steps. The meter keys reach metrics.csv; MFU with a peak set."""
@@ -327,6 +328,7 @@ def test_stage2_step_is_sync_free_and_eval_stays_out_of_the_window(shapes_shards
 
 
 # ------------------------------------------------------------------------------------------- NaN guard
+@pytest.mark.slow
 def test_guard_masks_optimizer_and_ema_on_the_device(shapes_shards, tiny_autoencoder, tmp_path, monkeypatch):
     """Steps 2 and 3 of 5 get a NaN loss: the fused AdamW's step count and the EMA's update count say 3
     (the masked steps left them untouched), the weights stay finite, two skips are logged. The stop check

@@ -129,6 +129,7 @@ def test_inception_is_pytorch_fids_fid_network():
     assert sum(v.numel() for v in src.values()) == 21_820_000 - 17_216
 
 
+@pytest.mark.slow
 @needs_inception
 def test_fid_of_a_set_against_itself_is_zero_and_against_noise_large():
     from data.shapes import generate

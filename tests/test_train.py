@@ -28,6 +28,7 @@ def train(cfg):
     return run(cfg)
 
 
+@pytest.mark.slow
 def test_trains_writes_everything_and_wandb_offline(shapes_shards, tmp_path, capsys, monkeypatch):
     # no W&B mode and no API key anywhere: offline, said in one line, no crash and no hang
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -63,6 +64,7 @@ def test_trains_writes_everything_and_wandb_offline(shapes_shards, tmp_path, cap
     assert "val/psnr" in json.loads((run_dir / "final_metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_resume_continues_with_identical_state(shapes_shards, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(tiny_cfg(shapes_shards, straight, "trainer.max_steps=4", "trainer.ckpt_every=2"))
@@ -83,6 +85,7 @@ def test_resume_continues_with_identical_state(shapes_shards, tmp_path):
             assert torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) and torch.equal(sa[i]["step"], sb[i]["step"])
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_preset(shapes_shards, tmp_path):
     run_dir = tmp_path / "run"
     train(tiny_cfg(shapes_shards, run_dir, "trainer.max_steps=2"))
@@ -154,6 +157,7 @@ def test_lpips_and_adversarial_gradients_reach_decoder(shapes_shards):
     assert (full - no_gan).abs().max() > 1e-6, "the adversarial loss gives no gradient to the decoder"
 
 
+@pytest.mark.slow
 def test_bad_samples_inside_a_shard_are_skipped_counted_and_logged(tmp_path):
     """A corrupt JPEG and a caption-less sample inside a shard: training goes on, the counts are logged."""
     import io
