@@ -203,7 +203,9 @@ def read_dcp_metadata(path: Path):
             metadata = _MetadataUnpickler(handle).load()
     except Exception as e:
         raise CheckpointError(f"{f} cannot be loaded safely ({type(e).__name__}: {e})") from None
-    if not hasattr(metadata, "state_dict_metadata"):
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(metadata, Metadata):
         raise CheckpointError(f"{f} is not a torch.distributed.checkpoint metadata file")
     return metadata
 

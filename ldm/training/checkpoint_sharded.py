@@ -68,10 +68,12 @@ def ema_state(ema) -> dict[str, torch.Tensor]:
 
 def sharded_norm(state: dict[str, torch.Tensor]) -> float:
     """L2 norm of the floating-point tensors, the same on every rank (a collective when any is a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
     whole = sum(float(torch.linalg.vector_norm(v.float())) ** 2 for v in state.values()
-                if v.is_floating_point() and not hasattr(v, "to_local"))
+                if v.is_floating_point() and not isinstance(v, DTensor))
     parts = [_local(v).double().pow(2).sum() for v in state.values()
-             if v.is_floating_point() and hasattr(v, "to_local")]
+             if v.is_floating_point() and isinstance(v, DTensor)]
     if not parts:
         return math.sqrt(whole)
     total = torch.stack(parts).sum()

@@ -35,12 +35,14 @@ def read_sharded_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     index = read_dcp_metadata(path).state_dict_metadata
     target: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}}
     for key, meta in index.items():
         group, _, name = key.partition(".")
         if group in target:
-            if not hasattr(meta, "size"):
+            if not isinstance(meta, TensorStorageMetadata):
                 raise CheckpointError(f"{path}: {key} is not a tensor")
             target[group][name] = torch.empty(meta.size, dtype=meta.properties.dtype)
     if not target["ema"]:
