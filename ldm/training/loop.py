@@ -118,6 +118,8 @@ def train(cfg) -> Path:
         if steps.data_gone:
             _data_gone(ckpt, steps.data_fault, step, accelerator)
         _finish(cfg, built, run, ckpt, steps, log, step, accelerator)
+        if stop.received is not None:  # it came during the final save or evaluation: nothing left to stop
+            say(accelerator, f"[ldm] {stop.received.name} received after the last step: the run completed")
     return Path(cfg.run_dir)
 
 
