@@ -16,7 +16,7 @@ import functools
 
 import numpy as np
 
-from ldm.data.shards import samples_per_shard, write_shards
+from ldm.data.shards import write_splits
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -56,13 +56,12 @@ def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> dict[st
 
 def write_mnist(out_dir: str, val_fraction: float = 0.1, seed: int = 0, max_count: int = 1000) -> dict[str, str]:
     images, labels = load_digits()
-    patterns = {}
-    for split, indices in split_indices(labels, val_fraction, seed).items():
-        samples = ({"key": f"mnist{int(i):05d}", "image": images[i], "caption": caption_for(int(labels[i])),
-                    "meta": {"label": int(labels[i])}} for i in indices)
-        per_shard = samples_per_shard(len(indices), max_count)
-        patterns[split] = write_shards(samples, out_dir, split, max_count=per_shard).pattern
-    return patterns
+    def samples(indices):
+        return ({"key": f"mnist{int(i):05d}", "image": images[i], "caption": caption_for(int(labels[i])),
+                 "meta": {"label": int(labels[i])}} for i in indices)
+
+    return write_splits(out_dir, {split: (len(indices), samples(indices))
+                                  for split, indices in split_indices(labels, val_fraction, seed).items()}, max_count)
 
 
 def main(argv=None) -> None:

@@ -15,12 +15,11 @@ Grey-scale images (camera, lfw_subset faces, ...) are left out: every sample is 
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 from PIL import Image
 
-from ldm.data.shards import samples_per_shard, write_shards
+from data import generator_main
+from ldm.data.shards import write_splits
 
 # source -> (loader returning uint8 HxWx3 arrays, caption noun phrase)
 CAPTIONS = {
@@ -75,26 +74,16 @@ def generate(sources, n: int, size: int = 64, seed: int = 0):
 
 def write_photos(out_dir: str, n_train: int = 4000, n_val: int = 400, size: int = 64, seed: int = 0,
                  max_count: int = 1000) -> dict[str, str]:
-    patterns = {}
-    for split, sources, count, stream_seed in (("train", TRAIN_SOURCES, n_train, (seed, 0)),
-                                               ("val", VAL_SOURCES, n_val, (seed, 1))):
-        samples = ({"key": f"{split}{i:06d}", "image": crop, "caption": f"a photo of {CAPTIONS[meta['source']]}",
-                    "meta": meta} for i, (crop, meta) in enumerate(generate(sources, count, size, stream_seed)))
-        per_shard = samples_per_shard(count, max_count)
-        patterns[split] = write_shards(samples, out_dir, split, max_count=per_shard).pattern
-    return patterns
+    def samples(split, sources, count, stream_seed):
+        return ({"key": f"{split}{i:06d}", "image": crop, "caption": f"a photo of {CAPTIONS[meta['source']]}",
+                 "meta": meta} for i, (crop, meta) in enumerate(generate(sources, count, size, stream_seed)))
+
+    return write_splits(out_dir, {"train": (n_train, samples("train", TRAIN_SOURCES, n_train, (seed, 0))),
+                                  "val": (n_val, samples("val", VAL_SOURCES, n_val, (seed, 1)))}, max_count)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--train", type=int, default=4000)
-    parser.add_argument("--val", type=int, default=400)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (splits get >= 8 shards)")
-    args = parser.parse_args(argv)
-    print(write_photos(args.out, args.train, args.val, args.size, args.seed, args.max_count))
+    generator_main(argv, __doc__, write_photos, train=4000, val=400)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ pixels, so text-to-image samples can be scored for prompt faithfulness.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ldm.data.shards import samples_per_shard, write_shards
+from data import generator_main
+from ldm.data.shards import write_splits
 from ldm.metrics.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES  # the vocabulary the reader knows
 
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
@@ -84,25 +83,16 @@ def generate(n: int, size: int = 64, seed: int = 0):
 def write_shapes(out_dir: str, n_train: int = 5000, n_val: int = 500, size: int = 64, seed: int = 0,
                  max_count: int = 1000) -> dict[str, str]:
     """Write train/val shards; val draws from an independent stream (seed, 1). Returns split -> pattern."""
-    patterns = {}
-    for split, count, stream_seed in (("train", n_train, (seed, 0)), ("val", n_val, (seed, 1))):
-        samples = ({"key": f"{split}{i:06d}", "image": image, "caption": caption_for(attrs), "meta": attrs}
-                   for i, (image, attrs) in enumerate(generate(count, size, stream_seed)))
-        per_shard = samples_per_shard(count, max_count)
-        patterns[split] = write_shards(samples, out_dir, split, max_count=per_shard).pattern
-    return patterns
+    def samples(split, count, stream_seed):
+        return ({"key": f"{split}{i:06d}", "image": image, "caption": caption_for(attrs), "meta": attrs}
+                for i, (image, attrs) in enumerate(generate(count, size, stream_seed)))
+
+    return write_splits(out_dir, {"train": (n_train, samples("train", n_train, (seed, 0))),
+                                  "val": (n_val, samples("val", n_val, (seed, 1)))}, max_count)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--train", type=int, default=5000)
-    parser.add_argument("--val", type=int, default=500)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (splits get >= 8 shards)")
-    args = parser.parse_args(argv)
-    print(write_shapes(args.out, args.train, args.val, args.size, args.seed, args.max_count))
+    generator_main(argv, __doc__, write_shapes, train=5000, val=500)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ ends in a checkpoint on every rank at the same step, and the resumed run is bit-
 import json
 import os
 import signal
-import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,26 @@ def final(run_dir, name="model"):
 def max_diff(a, b):
     assert a.keys() == b.keys(), set(a) ^ set(b)
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if not k.endswith("_extra_state"))
+
+
+# Another process count sums gradients in another order. AdamW divides each step by sqrt(v), so a parameter
+# whose gradient is near zero turns that rounding into a visible difference, while a real fault (another
+# sample, a wrong average) moves almost every parameter by about the learning rate. Measured on the tiny
+# stage-2 model after 3 steps (1.2M parameters, lr 3e-4), against 1 process:
+#   2 processes:                 max 1.0e-6, mean 7.4e-11 (8 parameters differ by more than 1e-7)
+#   4 processes:                 max 2.0e-6, mean 1.4e-10 (14)
+#   other samples (a real fault): max 1.2e-3, mean 6.4e-5  (1.17M)
+# So the bound on the largest difference is loose and the bound on the mean is tight.
+ROUNDING_MAX, ROUNDING_MEAN = 1e-5, 1e-8
+
+
+def assert_rounding_only(a, b, what=""):
+    """Weights `a` and `b` differ only as float summation order makes them differ (see above)."""
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    diffs = [(a[k].double() - b[k].double()).abs().flatten() for k in a if not k.endswith("_extra_state")]
+    diffs = torch.cat(diffs)
+    worst, mean = float(diffs.max()), float(diffs.mean())
+    assert worst <= ROUNDING_MAX and mean <= ROUNDING_MEAN, f"{what}: max |dw| {worst:.3g}, mean {mean:.3g}"
 
 
 def trace(run_dir, rank):
@@ -83,10 +102,8 @@ def test_two_processes_equal_one_ddp_fsdp_and_across_strategies(shapes_shards, t
         assert {s: k0[s] | k1[s] for s in k0} == keys_one, "the global batches differ"
         assert all(not k0[s] & k1[s] for s in k0), "two ranks read the same sample"
         assert sums0 == sums1 and "ema_checksum" in sums0, f"weights/EMA differ across ranks: {sums0} {sums1}"
-    # stated tolerances: DDP 2e-6 absolute (gradient summation order; measured 1.04e-6 after 3 steps here:
-    # AdamW divides by sqrt(v), so parameters with tiny gradients carry the rounding up), FSDP 1e-5
-    assert max_diff(final(one), final(ddp)) <= 2e-6
-    assert max_diff(final(one, "ema"), final(ddp, "ema")) <= 1e-6
+    assert_rounding_only(final(one), final(ddp), "DDP")
+    assert_rounding_only(final(one, "ema"), final(ddp, "ema"), "DDP EMA")
     assert max_diff(final(one), final(fsdp)) <= 1e-5
     assert max_diff(final(one, "ema"), final(fsdp, "ema")) <= 1e-5
     assert json.loads((fsdp / "checkpoints/step_00000003/state.json").read_text())["strategy"] == "fsdp"
@@ -109,8 +126,8 @@ def test_four_processes_equal_one_with_default_settings(shapes_shards, tiny_auto
     run(launch_cmd(4, *stage2_args(shapes_shards, tiny_autoencoder, four, "trainer.max_steps=3")))
     traces = [trace(four, r)[0] for r in range(4)]
     assert {s: set().union(*(t[s] for t in traces)) for s in traces[0]} == trace(one, 0)[0]
-    assert max_diff(final(one), final(four)) <= 1e-6
-    assert max_diff(final(one, "ema"), final(four, "ema")) <= 1e-6
+    assert_rounding_only(final(one), final(four), "4 processes")
+    assert_rounding_only(final(one, "ema"), final(four, "ema"), "4 processes, EMA")
 
 
 @pytest.mark.slow
@@ -219,8 +236,8 @@ def test_elastic_resume_2_1_2_4_continues_the_global_order(shapes_shards, tiny_a
     assert {s: sorted(k) for s, k in got.items()} == {s: sorted(k) for s, k in want.items()}
     seen = [k for s in sorted(got) for k in got[s]]
     assert len(set(seen)) == len(seen) == 64  # 64 of the epoch's 192 samples, each once
-    assert max_diff(final(reference), final(elastic)) <= 1e-6
-    assert max_diff(final(reference, "ema"), final(elastic, "ema")) <= 1e-6
+    assert_rounding_only(final(reference), final(elastic), "elastic")
+    assert_rounding_only(final(reference, "ema"), final(elastic, "ema"), "elastic, EMA")
 
 
 def test_a_process_count_that_cannot_share_the_batch_is_one_line(shapes_shards, tiny_autoencoder, tmp_path):

@@ -127,6 +127,12 @@ def samples_per_shard(count: int, max_count: int = 1000, min_shards: int = 8) ->
     return max(1, min(max_count, math.ceil(count / min_shards)))
 
 
+def write_splits(out_dir: str, splits: dict, max_count: int = 1000) -> dict[str, str]:
+    """{split: (count, samples)} -> {split: shard pattern}, each split in shards of `samples_per_shard`."""
+    return {split: write_shards(samples, out_dir, split, max_count=samples_per_shard(count, max_count)).pattern
+            for split, (count, samples) in splits.items()}
+
+
 def write_shards(samples, out_dir: str, split: str = "train", *, max_count: int = 1000,
                  image_format: str = "png") -> ShardSet:
     """Iterable of dicts {key, image, caption?, meta?} -> ShardSet(files, pattern, count)."""

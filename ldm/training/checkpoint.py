@@ -258,13 +258,7 @@ class Checkpointer:
                                  f"{bad[:5] or 'the model'}; {_kept(run_dir)}")
         guard_state = self.guard.state_dict()
         health = self._health(weights) if rank == 0 else None
-        if rank == 0:
-            with _writing(tmp, run_dir, step):
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-        self.barrier()
-        with _writing(tmp, run_dir, step):
-            torch.save({"rng": rng_state(), "data": self.loader.state_dict()}, tmp / f"rank_{rank}.pt")
+        self._open_tmp(tmp, step)
         _crash_point("rank", step, rank)
         self.barrier()
         if rank == 0:
@@ -284,6 +278,18 @@ class Checkpointer:
         return final
 
     # -- loading
+    def _open_tmp(self, tmp: Path, step: int) -> None:
+        """A fresh `tmp` directory (made by rank 0 while the others wait), then every rank's own position in
+        it: its RNG states and where its data loader stands."""
+        rank, run_dir = self.rank, self.run_dir
+        if rank == 0:
+            with _writing(tmp, run_dir, step):
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        self.barrier()
+        with _writing(tmp, run_dir, step):
+            torch.save({"rng": rng_state(), "data": self.loader.state_dict()}, tmp / f"rank_{rank}.pt")
+
     def load_latest(self, resume: str) -> tuple[int, Path | None]:
         """`trainer.resume` (latest | never | PATH): (step, checkpoint) to continue from, (0, None) for a
         fresh run, whose initial weights are then the reference of the first health check."""

@@ -21,7 +21,6 @@ stays the latest. train/consolidate.py (ldm/training/consolidate.py) joins the s
 from __future__ import annotations
 
 import math
-import shutil
 import warnings
 import threading
 import time
@@ -32,8 +31,7 @@ import torch
 from torch.utils._pytree import tree_map_only
 
 from ldm.errors import CheckpointError, CheckpointWriteError, NonFiniteError
-from ldm.training.checkpoint import (Checkpointer, _any_rank, _distributed, check_task_weights, non_finite_tensors,
-                                     rng_state)
+from ldm.training.checkpoint import Checkpointer, _any_rank, _distributed, check_task_weights, non_finite_tensors
 from ldm.training.checkpoint_files import (_crash_point, _kept, _safe_torch_load, _say, _swap_into_place, _write_json,
                                            _writing, read_dcp_metadata, rotate_checkpoints, write_manifest)
 
@@ -148,14 +146,9 @@ class ShardedCheckpointer(Checkpointer):
                                                   for k, o in self.optimizers.items()}}
         if ema:
             state["ema"] = ema
+        self._open_tmp(tmp, step)
         if rank == 0:
             with _writing(tmp, run_dir, step):
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-        self.barrier()
-        with _writing(tmp, run_dir, step):
-            torch.save({"rng": rng_state(), "data": self.loader.state_dict()}, tmp / f"rank_{rank}.pt")
-            if rank == 0:
                 torch.save({"guard": self.guard.state_dict(),
                             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}}, tmp / "training.pt")
         _crash_point("rank", step, rank)
