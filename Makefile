@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m 'slow and not gpu'
+	$(PY) -m pytest -q -m 'slow and not gpu' --durations=15
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
