@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from ldm.errors import CheckpointError
 from ldm.training.checkpoint_files import list_checkpoints, resolve_resume, verify_checkpoint, write_manifest
 from ldm.training.consolidate import read_sharded_weights
-from tests.launch import ENV, launch_cmd, run
+from tests.launch import ENV, ROOT, launch_cmd, run
 
 SHARDED = ["trainer.checkpoint_format=sharded"]
 
@@ -166,6 +166,33 @@ def test_background_saves_complete_and_a_kill_during_one_keeps_the_previous(shap
     run(launch_cmd(1, *args(shapes_shards, tiny_autoencoder, one, *every)))
     a, b = one / "checkpoints/step_00000004", killed_dir / "checkpoints/step_00000004"
     assert max_diff(weights(a), weights(b)) == 0 and max_diff(weights(a, "ema"), weights(b, "ema")) == 0
+
+
+@pytest.mark.slow
+def test_a_failed_background_save_stops_in_one_line_and_keeps_the_previous(shapes_shards, tiny_autoencoder, tmp_path):
+    """Every write past 1 MiB fails (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC), so the background
+    writer of step 3 fails while training goes on. The next save says so in one line, naming the checkpoint
+    and what was kept; the partial directory is gone and step 2 is still the latest and verifies."""
+    import resource
+    import signal
+    import subprocess
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    every = [*SHARDED, "trainer.ckpt_every=1", "trainer.keep_last=0", "trainer.checkpoint_async=true"]
+    run_dir = tmp_path / "run"
+    run(launch_cmd(1, *args(shapes_shards, tiny_autoencoder, run_dir, *every, "trainer.max_steps=2")))
+    cmd = [sys.executable, "train/main.py", *args(shapes_shards, tiny_autoencoder, run_dir, *every, "trainer.max_steps=4")]
+    proc = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          preexec_fn=limit_file_size)
+    line = failed_line(proc)
+    assert "could not write checkpoint step 3" in line, line
+    assert "File too large" in line and "step_00000002" in line, line
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000001", "step_00000002"]
+    assert not (run_dir / "checkpoints/step_00000003.tmp").exists()
+    verify_checkpoint(run_dir / "checkpoints/step_00000002")
 
 
 def test_async_without_sharded_is_a_config_error():
