@@ -1,7 +1,8 @@
 """Sharded checkpoints (`trainer.checkpoint_format=sharded`) through the real CLI: every rank writes its
 shards; a run resumes on another process count (and under FSDP) and ends where a straight run ends;
 train/consolidate.py and train/sample.py read it; a damaged shard or a planted pickle is refused in one
-line; a background save completes, and a kill during one leaves the previous checkpoint the latest."""
+line; a background save completes, a failed one stops the run in one line, and a kill during one leaves the
+previous checkpoint the latest."""
 import json
 import pickle
 import shutil
