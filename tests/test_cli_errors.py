@@ -89,6 +89,27 @@ def test_under_the_launcher_a_failure_is_one_line_not_a_child_failed_report(shap
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_only_the_first_failing_rank_of_a_node_signals_its_agent(tmp_path, monkeypatch):
+    """Two ranks failing at once used to signal their agent twice; the second signal landed while the agent
+    logged the first and it printed that signal's traceback. Now the first rank of an attempt to create the
+    marker in the agent's attempt directory tells it; the others of that node do not."""
+    from ldm.training.exits import _first_to_tell_agent
+
+    attempt = tmp_path / "torchelastic_x" / "none_y" / "attempt_0"
+    for rank in (0, 1):
+        (attempt / str(rank)).mkdir(parents=True)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(attempt / "0" / "error.json"))
+    assert _first_to_tell_agent()
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(attempt / "1" / "error.json"))
+    assert not _first_to_tell_agent()
+    next_attempt = attempt.parent / "attempt_1" / "1"  # a restarted attempt is told again
+    next_attempt.mkdir(parents=True)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(next_attempt / "error.json"))
+    assert _first_to_tell_agent()
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")  # no agent directory known: tell it
+    assert _first_to_tell_agent()
+
+
 def test_folder_of_images_as_shards_says_how_to_make_shards(shapes_shards, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

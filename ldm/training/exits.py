@@ -40,7 +40,25 @@ def exit_with_error(message: str, *, same_on_every_rank: bool = False) -> NoRetu
         # Each node's first rank tells that node's agent (every rank does for a rank's own error); the
         # others are stopped by their agent. Default SIGTERM so the agent's stop ends this process at once.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if not same_on_every_rank or int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        if (not same_on_every_rank or int(os.environ.get("LOCAL_RANK", "0")) == 0) and _first_to_tell_agent():
             os.kill(os.getppid(), signal.SIGTERM)
         time.sleep(AGENT_GRACE_S)
     raise SystemExit(1)
+
+
+def _first_to_tell_agent() -> bool:
+    """Whether no other rank of this node has told the agent yet. The agent must get ONE signal: a second one
+    arrives while it logs or stops its workers after the first, and it prints that signal's traceback. The
+    ranks of a node share the agent's per-attempt directory (TORCHELASTIC_ERROR_FILE is
+    <log dir>/<run>/attempt_<n>/<local rank>/error.json), so the first to create a file there tells."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
+        return True
+    marker = os.path.join(os.path.dirname(os.path.dirname(error_file)), "ldm_told_agent")
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:  # the directory is gone or read-only: telling twice beats not telling
+        return True
+    return True
