@@ -277,7 +277,6 @@ class Checkpointer:
         self.barrier()
         return final
 
-    # -- loading
     def _open_tmp(self, tmp: Path, step: int) -> None:
         """A fresh `tmp` directory (made by rank 0 while the others wait), then every rank's own position in
         it: its RNG states and where its data loader stands."""
@@ -290,6 +289,7 @@ class Checkpointer:
         with _writing(tmp, run_dir, step):
             torch.save({"rng": rng_state(), "data": self.loader.state_dict()}, tmp / f"rank_{rank}.pt")
 
+    # -- loading
     def load_latest(self, resume: str) -> tuple[int, Path | None]:
         """`trainer.resume` (latest | never | PATH): (step, checkpoint) to continue from, (0, None) for a
         fresh run, whose initial weights are then the reference of the first health check."""

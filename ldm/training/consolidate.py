@@ -33,10 +33,9 @@ def read_sharded_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     """(model weights, EMA state or None) of the sharded checkpoint at `path`, whole, on the CPU, with the
     keys of a full checkpoint's model.safetensors / ema.safetensors."""
     import torch.distributed.checkpoint as dcp
-
-    path = Path(path)
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    path = Path(path)
     index = read_dcp_metadata(path).state_dict_metadata
     target: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}}
     for key, meta in index.items():
